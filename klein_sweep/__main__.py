@@ -1,0 +1,86 @@
+"""The Hydra entry point.
+
+    python -m klein_sweep                              train + track one LoRA (the default config)
+    python -m klein_sweep train.lr=2e-4 train.steps=1500
+    python -m klein_sweep data.path=/my/images data.trigger=ohwx model=flux2_klein_base_9b data.resolution=1024
+
+The Hydra object stops here: below this file everything takes typed settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from klein_sweep.config import CONF_DIR, Settings, build_settings, register_resolvers
+from klein_sweep.errors import KleinSweepError
+
+log = logging.getLogger("klein_sweep")
+
+register_resolvers()
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def main(cfg: DictConfig) -> None:
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        output_dir = hydra.core.hydra_config.HydraConfig.get().runtime.output_dir
+        settings = build_settings(resolved, output_dir=output_dir)
+        run_single_trial(settings, OmegaConf.to_yaml(cfg, resolve=True))
+    except KleinSweepError as exc:
+        # One clear line and a non-zero exit; SystemExit passes through Hydra untouched.
+        print(f"klein_sweep: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_single_trial(settings: Settings, resolved_yaml: str) -> None:
+    from klein_sweep.trial import default_run_name, prepare_model, resolve_plan, run_training
+
+    plan = resolve_plan(settings)
+    log.info(
+        "%d images, %d steps, %.1f repeats per image (batch %d x grad_accum %d)",
+        len(plan.examples), plan.steps, plan.repeats_per_image, settings.train.batch_size, settings.train.grad_accum,
+    )
+    prepared = prepare_model(plan)
+    stats = prepared.data.stats
+    log.info("encodings: %d from cache, %d encoded (%.1fs)", stats.hits, stats.misses, prepared.encode_seconds)
+
+    out = Path(settings.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config_path = out / "config.yaml"
+    config_path.write_text(resolved_yaml)
+
+    tracker = open_tracker(settings, settings.tracking.run_name or default_run_name(plan))
+    status = "FAILED"
+    try:
+        tracker.log_artifact(config_path)
+        outcome = run_training(plan, prepared, tracker)
+        tracker.set_tags({"klein.status": outcome.status, **({"klein.reason": outcome.reason} if outcome.reason else {})})
+        status = "FINISHED"
+    finally:
+        tracker.finish(status)
+
+    if outcome.status == "diverged":
+        print(f"training diverged: {outcome.reason}; no LoRA saved")
+    else:
+        print(f"trained {outcome.steps_done} steps, final loss {outcome.final_loss:.4f}")
+        print(f"LoRA: {outcome.lora_path}")
+    if outcome.run_description:
+        print(f"MLflow {outcome.run_description}; artifacts: config.yaml, lora/{outcome.lora_path.name if outcome.lora_path else ''}")
+        print("browse with: mlflow ui --backend-store-uri " + settings.tracking.uri)
+
+
+def open_tracker(settings: Settings, run_name: str):
+    from klein_sweep.tracking import MlflowTracker, NullTracker
+
+    if settings.tracking.backend == "none":
+        return NullTracker()
+    return MlflowTracker.start(settings.tracking.uri, settings.tracking.experiment, run_name=run_name)
+
+
+if __name__ == "__main__":
+    main()

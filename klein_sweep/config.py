@@ -1,0 +1,332 @@
+"""Typed settings: the Hydra config becomes these dataclasses at the entry point, and nothing below
+the entry point sees an OmegaConf object.
+
+Every field has a docstring; every check names the dotted key and what would be valid. The dotted
+keys (``train.lr``, ``data.trigger`` ...) are a contract: sweeps, MLflow params and other tools use
+them, so rename nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from klein_sweep.errors import ConfigError
+
+# conf/ sits beside the package at the repository root (DESIGN.md fixes the top level).
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+
+LR_SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear")
+# Schedules whose value at step s does not depend on the total number of steps: with these the
+# model at step s of a long run *is* the s-step model, so steps can be checkpoints of one training.
+TOTAL_INDEPENDENT_SCHEDULES = ("constant", "constant_with_warmup")
+TARGET_PRESETS = ("attn", "all_linear")
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
+MODEL_KINDS = ("tiny", "pretrained")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+OPTIMIZERS = ("adamw", "adamw8bit")
+TRACKING_BACKENDS = ("mlflow", "none")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    """Short name of the model, used in run names and cache keys (the `model=` group option)."""
+    kind: str = "tiny"
+    """`tiny`: a random tiny Flux2KleinPipeline built in code (offline, for tests and smoke runs);
+    `pretrained`: load with `from_pretrained` from `path` (a hub id or a local folder)."""
+    path: Optional[str] = None
+    """Hub id (e.g. black-forest-labs/FLUX.2-klein-base-9B) or local folder; `pretrained` only."""
+    revision: Optional[str] = None
+    """Hub revision (branch, tag or commit) of `path`; part of the encoding-cache key."""
+    is_distilled: bool = False
+    """True for the step-distilled Klein models (4 steps, no CFG). They are for evaluation only."""
+    dtype: str = "auto"
+    """Weights dtype of the frozen base: `auto` = bfloat16 on CUDA, float32 elsewhere."""
+    text_encoder_layers: list = field(default_factory=lambda: [9, 18, 27])
+    """Qwen3 hidden layers stacked into the prompt embedding. Klein uses (9, 18, 27); passed
+    explicitly everywhere because diffusers' example script defaults to (10, 20, 30)."""
+    max_sequence_length: int = 512
+    """Text tokens per prompt (512 for the real models)."""
+    sample_steps: int = 50
+    """Denoising steps for preview/evaluation samples (base ~50, distilled 4)."""
+    guidance_scale: float = 4.0
+    """Real CFG scale for samples (base ~4; ignored by distilled models)."""
+    seed: int = 0
+    """Seed of the random weights of the `tiny` model (ignored for `pretrained`)."""
+
+    def __post_init__(self):
+        _choice("model.kind", self.kind, MODEL_KINDS)
+        _choice("model.dtype", self.dtype, DTYPES)
+        if self.kind == "pretrained" and not self.path:
+            raise ConfigError("model.path", self.path, "a hub id or a local folder for kind=pretrained")
+        if not self.text_encoder_layers or any(
+            not isinstance(i, int) or i < 0 for i in self.text_encoder_layers
+        ):
+            raise ConfigError(
+                "model.text_encoder_layers", self.text_encoder_layers, "a non-empty list of layer indices >= 0"
+            )
+        _int_range("model.max_sequence_length", self.max_sequence_length, 1, 4096)
+        _int_range("model.sample_steps", self.sample_steps, 1, 1000)
+        _float_range("model.guidance_scale", self.guidance_scale, 0.0, 30.0)
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """Folder of training images (.png/.jpg/.jpeg/.webp/.bmp), each with an optional same-name .txt
+    caption, the layout ai-toolkit and kohya users already have."""
+    trigger: str = "sks"
+    """Trigger word; replaces `[trigger]` in captions."""
+    default_caption: str = "photo of [trigger]"
+    """Caption for images without a .txt file."""
+    caption_dropout: float = 0.05
+    """Probability of training a sample on the empty prompt instead of its caption."""
+    resolution: int = 32
+    """Square training resolution in pixels: images are resized (short side) and center-cropped.
+    Must be a multiple of 2 x the VAE's downscale factor (16 for the real models)."""
+    cache_dir: str = ".klein_cache"
+    """Where encoded latents and text embeddings are stored, keyed by content hash."""
+    use_cache: bool = True
+    """Read and write the on-disk encoding cache. Off: encode everything again in memory."""
+
+    def __post_init__(self):
+        if not self.path:
+            raise ConfigError("data.path", self.path, "a folder of training images")
+        if not self.trigger or any(c.isspace() for c in self.trigger):
+            raise ConfigError("data.trigger", self.trigger, "a non-empty word without spaces")
+        _float_range("data.caption_dropout", self.caption_dropout, 0.0, 1.0)
+        _int_range("data.resolution", self.resolution, 8, 4096)
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-4
+    """AdamW learning rate of the LoRA parameters. Sweeps cover 5e-5 - 4e-4."""
+    steps: Optional[int] = 1000
+    """Optimizer steps (each = batch_size x grad_accum images). Overridden by `repeats` when set."""
+    repeats: Optional[float] = None
+    """Repeats per image, the trainers' unit: when set, steps = ceil(N x repeats / (batch_size x
+    grad_accum)) for N training images, so changing grad_accum changes steps."""
+    rank: int = 16
+    """LoRA rank r."""
+    alpha: Optional[float] = None
+    """LoRA alpha; the update is scaled by alpha / rank. Default: equal to rank (scale 1)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated into one optimizer step."""
+    batch_size: int = 1
+    """Images per micro-batch."""
+    seed: int = 0
+    """Seed of LoRA init, data order, noise, timesteps and caption dropout."""
+    checkpoint_every: int = 250
+    """Call the checkpoint callback (evaluation, LoRA snapshot) every this many steps; 0 = only at
+    the end. The last step is always a checkpoint."""
+    lr_schedule: str = "constant"
+    """constant | constant_with_warmup | cosine | linear. Only the first two let one training
+    stand for every shorter step count (see DESIGN.md)."""
+    warmup_steps: int = 0
+    """Linear warmup steps for the schedules that use it."""
+    targets: str = "attn"
+    """LoRA target preset: `attn` (attention q/k/v/out of double blocks, fused qkv+mlp and out of
+    single blocks, as diffusers' Klein script) or `all_linear` (every Linear of the double and
+    single blocks except modulation and norm, as musubi-tuner and ai-toolkit)."""
+    lora_init: str = "gaussian"
+    """PEFT LoRA init: `gaussian` (diffusers' choice) or `default` (kaiming A, zero B)."""
+    optimizer: str = "adamw"
+    """adamw | adamw8bit (bitsandbytes, CUDA only)."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm; 0 disables clipping."""
+    timestep_sampling: str = "logit_normal"
+    """uniform | logit_normal: how training noise levels sigma in (0, 1) are drawn."""
+    logit_mean: float = 0.0
+    """Mean of the logit-normal timestep density."""
+    logit_std: float = 1.0
+    """Std of the logit-normal timestep density."""
+    timestep_shift: float = 1.0
+    """Shift s applied to sampled sigma: s*t / (1 + (s-1)*t). >1 favours noisier timesteps."""
+    gradient_checkpointing: bool = False
+    """Recompute block activations in backward: less memory, ~30% slower."""
+    mixed_precision: str = "auto"
+    """auto (bf16 on CUDA, off elsewhere) | no | bf16."""
+    device: str = "auto"
+    """auto (cuda, then mps, then cpu) | cpu | cuda | mps."""
+
+    def __post_init__(self):
+        _float_range("train.lr", self.lr, 0.0, 1.0, low_open=True)
+        if self.steps is not None:
+            _int_range("train.steps", self.steps, 1, 1_000_000)
+        if self.repeats is not None:
+            _float_range("train.repeats", self.repeats, 0.0, 100_000.0, low_open=True)
+        if self.steps is None and self.repeats is None:
+            raise ConfigError("train.steps", None, "an integer >= 1, or set train.repeats instead")
+        _int_range("train.rank", self.rank, 1, 1024)
+        if self.alpha is None:
+            self.alpha = float(self.rank)
+        _float_range("train.alpha", self.alpha, 0.0, 1e6, low_open=True)
+        _int_range("train.grad_accum", self.grad_accum, 1, 1024)
+        _int_range("train.batch_size", self.batch_size, 1, 1024)
+        _int_range("train.checkpoint_every", self.checkpoint_every, 0, 1_000_000)
+        _choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _int_range("train.warmup_steps", self.warmup_steps, 0, 1_000_000)
+        if self.warmup_steps and self.lr_schedule == "constant":
+            raise ConfigError("train.warmup_steps", self.warmup_steps, "0 with lr_schedule=constant; use constant_with_warmup")
+        _choice("train.targets", self.targets, TARGET_PRESETS)
+        _choice("train.lora_init", self.lora_init, ("gaussian", "default"))
+        _choice("train.optimizer", self.optimizer, OPTIMIZERS)
+        _float_range("train.weight_decay", self.weight_decay, 0.0, 1.0)
+        _float_range("train.max_grad_norm", self.max_grad_norm, 0.0, 1e6)
+        _choice("train.timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLINGS)
+        _float_range("train.logit_std", self.logit_std, 0.0, 10.0, low_open=True)
+        _float_range("train.timestep_shift", self.timestep_shift, 0.0, 100.0, low_open=True)
+        _choice("train.mixed_precision", self.mixed_precision, ("auto", "no", "bf16"))
+        _choice("train.device", self.device, DEVICES)
+
+    @property
+    def lora_scale(self) -> float:
+        """alpha / rank: the factor PEFT applies to B @ A."""
+        return self.alpha / self.rank
+
+    @property
+    def steps_are_checkpoints(self) -> bool:
+        """True when the schedule at step s does not depend on the total step count."""
+        return self.lr_schedule in TOTAL_INDEPENDENT_SCHEDULES
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = False
+    """Evaluate at checkpoints (samples and metrics). Off: only the training loss is tracked."""
+
+
+@dataclass
+class TrackingConfig:
+    backend: str = "mlflow"
+    """mlflow | none."""
+    uri: str = "sqlite:///mlflow.db"
+    """MLflow tracking URI. The default is MLflow 3's own, so a bare `mlflow ui` in the same
+    folder finds the runs. Several machines: an `mlflow server` URL."""
+    experiment: str = "klein_sweep"
+    """MLflow experiment for single trials (a sweep uses its own name)."""
+    run_name: Optional[str] = None
+    """MLflow run name; default: built from the model and the swept values."""
+
+    def __post_init__(self):
+        _choice("tracking.backend", self.backend, TRACKING_BACKENDS)
+        if self.backend == "mlflow" and not self.uri:
+            raise ConfigError("tracking.uri", self.uri, "an MLflow tracking URI such as sqlite:///mlflow.db")
+
+
+@dataclass
+class Settings:
+    """Everything one trial needs, validated."""
+
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    output_dir: str = "outputs"
+    """Where this run writes its local files (the LoRA, the resolved config)."""
+
+
+GROUPS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig, "tracking": TrackingConfig}
+
+
+def build_settings(cfg: dict[str, Any], output_dir: str = "outputs") -> Settings:
+    """Validate a resolved config dict (``OmegaConf.to_container(cfg, resolve=True)``)."""
+    parts = {}
+    for group, cls in GROUPS.items():
+        values = cfg.get(group) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(group, values, f"a mapping of {cls.__name__} fields")
+        parts[group] = build_dataclass(cls, values, prefix=group)
+    return Settings(**parts, output_dir=output_dir)
+
+
+def build_dataclass(cls, values: dict[str, Any], prefix: str):
+    """Build `cls` from a dict, rejecting unknown keys and values of the wrong type by name."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in names:
+            raise ConfigError(f"{prefix}.{key}", values[key], f"unknown key; valid keys: {', '.join(sorted(names))}")
+    kwargs = {k: _coerce(f"{prefix}.{k}", v, hints[k]) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def _coerce(key: str, value: Any, hint) -> Any:
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(key, value, "a value is required")
+    base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(key, value, "true or false")
+    if base is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(key, value, "an integer")
+        return int(value)
+    if base is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, value, "a number")
+        if not math.isfinite(value):
+            raise ConfigError(key, value, "a finite number")
+        return float(value)
+    if base is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, value, "a string")
+        return value
+    if base is list or typing.get_origin(base) is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, value, "a list")
+        return list(value)
+    return value
+
+
+def _choice(key: str, value: Any, valid: tuple) -> None:
+    if value not in valid:
+        raise ConfigError(key, value, f"one of {', '.join(valid)}")
+
+
+def _int_range(key: str, value: int, low: int, high: int) -> None:
+    if not low <= value <= high:
+        raise ConfigError(key, value, f"an integer in [{low}, {high}]")
+
+
+def _float_range(key: str, value: float, low: float, high: float, low_open: bool = False) -> None:
+    ok = (low < value if low_open else low <= value) and value <= high
+    if not ok:
+        bracket = "(" if low_open else "["
+        raise ConfigError(key, value, f"a number in {bracket}{low:g}, {high:g}]")
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'train': {'lr': 1e-4}} -> {'train.lr': 1e-4}: MLflow params under their dotted keys."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def register_resolvers() -> None:
+    """`${asset:NAME}` in a config resolves to a folder shipped inside the package."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("asset"):
+        OmegaConf.register_new_resolver("asset", lambda name: str(ASSETS_DIR / name))

@@ -1,0 +1,121 @@
+"""Training data: a folder of images with same-name .txt captions (the ai-toolkit / kohya layout),
+checked up front so that a bad file stops the run before anything is trained or tracked.
+
+    data/
+      001.png   001.txt   "photo of [trigger] on a beach"   -> "photo of sks on a beach"
+      002.jpg             (no caption)                        -> data.default_caption
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from klein_sweep.config import DataConfig
+from klein_sweep.errors import DataError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CAPTION_EXTENSION = ".txt"
+TRIGGER_PLACEHOLDER = "[trigger]"
+
+
+@dataclass(frozen=True)
+class Example:
+    image_path: Path
+    caption: str
+
+
+def load_examples(cfg: DataConfig) -> list[Example]:
+    """All (image, caption) pairs of `cfg.path`, sorted by file name, every image opened and
+    checked. Raises DataError naming the first bad file."""
+    folder = Path(cfg.path).expanduser()
+    if not folder.exists():
+        raise DataError(f"data.path: folder {folder} does not exist")
+    if not folder.is_dir():
+        raise DataError(f"data.path: {folder} is a file, not a folder of images")
+    images, captions = {}, {}
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue  # .DS_Store, editor swap files, our own temp files
+        suffix = entry.suffix.lower()
+        if entry.is_file() and suffix in IMAGE_EXTENSIONS:
+            if entry.stem in images:
+                raise DataError(f"data.path: two images share the name '{entry.stem}': {images[entry.stem].name} and {entry.name}")
+            images[entry.stem] = entry
+        elif entry.is_file() and suffix == CAPTION_EXTENSION:
+            captions[entry.stem] = entry
+        else:
+            raise DataError(
+                f"data.path: {entry} is not an image or a caption; the folder may hold only images "
+                f"({', '.join(IMAGE_EXTENSIONS)}) and same-name {CAPTION_EXTENSION} captions"
+            )
+    if not images:
+        raise DataError(
+            f"data.path: folder {folder} has no images ({', '.join(IMAGE_EXTENSIONS)}); point data.path at your training images"
+        )
+    orphans = sorted(set(captions) - set(images))
+    if orphans:
+        raise DataError(f"data.path: caption {captions[orphans[0]]} has no image of the same name (e.g. {orphans[0]}.png)")
+    examples = []
+    for stem, image_path in images.items():
+        check_image(image_path, cfg.resolution)
+        examples.append(Example(image_path, read_caption(captions.get(stem), cfg)))
+    return examples
+
+
+def read_caption(path: Path | None, cfg: DataConfig) -> str:
+    """The caption with `[trigger]` replaced; the default caption when there is no file or it is empty."""
+    text = ""
+    if path is not None:
+        try:
+            text = path.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError as exc:
+            raise DataError(f"data.path: caption {path} is not UTF-8 text ({exc.reason})") from exc
+    text = text or cfg.default_caption
+    return " ".join(text.replace(TRIGGER_PLACEHOLDER, cfg.trigger).split())
+
+
+def check_image(path: Path, resolution: int) -> None:
+    """Open and fully decode the image: truncated and corrupt files fail here, not mid-training."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            width, height = img.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"data.path: image {path} cannot be read ({exc.__class__.__name__}: {exc}); re-export or remove it") from exc
+    if min(width, height) < resolution:
+        raise DataError(
+            f"data.path: image {path} is {width}x{height}, smaller than data.resolution={resolution}; "
+            f"use a larger image or a data.resolution <= {min(width, height)}"
+        )
+
+
+def load_image(path: Path, resolution: int) -> "torch.Tensor":  # noqa: F821
+    """(3, resolution, resolution) float32 in [-1, 1]: short side resized, then center-cropped."""
+    import numpy as np
+    import torch
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img).convert("RGB")
+        scale = resolution / min(img.size)
+        size = (max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale)))
+        img = img.resize(size, Image.Resampling.BICUBIC)
+        left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
+        img = img.crop((left, top, left + resolution, top + resolution))
+        array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def repeats_per_image(steps: int, batch_size: int, grad_accum: int, n_images: int) -> float:
+    """How many times each image is seen: steps x batch x grad_accum / N."""
+    return steps * batch_size * grad_accum / n_images
+
+
+def steps_for_repeats(repeats: float, n_images: int, batch_size: int, grad_accum: int) -> int:
+    """ceil(N x repeats / (batch x grad_accum)): e.g. N=55, 100 repeats -> 5500 steps at GA 1,
+    1375 at GA 4."""
+    return max(1, math.ceil(n_images * repeats / (batch_size * grad_accum) - 1e-9))

@@ -1,0 +1,115 @@
+"""LoRA on the Klein transformer: target presets, injection through PEFT, and files in the
+diffusers format that `Flux2KleinPipeline.load_lora_weights` reads back.
+
+Module names in Flux2Transformer2DModel (diffusers 0.42):
+  transformer_blocks.{i}.attn.{to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out}
+  transformer_blocks.{i}.{ff,ff_context}.{linear_in,linear_out}
+  single_transformer_blocks.{i}.attn.{to_qkv_mlp_proj,to_out}
+In double blocks `attn.to_out` is a ModuleList (Linear, Dropout): a bare "to_out" target would
+hit the list, so presets resolve to explicit full names of nn.Linear modules only.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+_ATTN_SUFFIXES = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.to_qkv_mlp_proj", "attn.to_out")
+_BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
+
+
+def resolve_targets(transformer: torch.nn.Module, preset: str) -> list[str]:
+    """Full names of the nn.Linear modules a preset adapts, in model order.
+
+    attn: what diffusers' Klein script targets - q/k/v/out of the double blocks' image stream,
+          the fused qkv+mlp projection and the output of the single blocks.
+    all_linear: every Linear in the double and single blocks except modulation and norm
+          (musubi-tuner / ai-toolkit practice).
+    """
+    names = []
+    for name, module in transformer.named_modules():
+        if not isinstance(module, torch.nn.Linear) or not name.startswith(_BLOCK_PREFIXES):
+            continue
+        if preset == "attn":
+            if name.endswith(_ATTN_SUFFIXES) and not (name.startswith("transformer_blocks.") and name.endswith("attn.to_out")):
+                names.append(name)
+        elif preset == "all_linear":
+            if "norm" not in name and "modulation" not in name:
+                names.append(name)
+        else:
+            raise ValueError(f"unknown LoRA target preset '{preset}'; valid: attn, all_linear")
+    if not names:
+        raise ValueError(f"LoRA preset '{preset}' matches no Linear layer of {type(transformer).__name__}")
+    return names
+
+
+def inject_lora(
+    transformer: torch.nn.Module, *, rank: int, alpha: float, preset: str, init: str = "gaussian", seed: int = 0
+) -> list[torch.nn.Parameter]:
+    """Add a trainable LoRA adapter named "default"; returns its parameters (kept in float32)."""
+    from peft import LoraConfig
+
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=resolve_targets(transformer, preset),
+        init_lora_weights="gaussian" if init == "gaussian" else True,
+        lora_dropout=0.0,
+    )
+    # PEFT draws the init from torch's global RNG: seed it so a trial is reproducible.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer.add_adapter(config)
+    params = [p for n, p in transformer.named_parameters() if "lora_" in n]
+    for p in params:
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    return params
+
+
+def lora_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter weights with PEFT names (no `transformer.` prefix), on CPU."""
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
+
+
+def save_lora(transformer: torch.nn.Module, directory: str | os.PathLike) -> Path:
+    """Write `directory/pytorch_lora_weights.safetensors` in diffusers format with the adapter's
+    config (rank, alpha, targets) as metadata: without alpha in the file, a LoRA with alpha != rank
+    reloads at the wrong strength. Written to a temporary file and renamed, so a crash or a full
+    disk never leaves a half-written LoRA under the final name."""
+    from diffusers import Flux2KleinPipeline
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    metadata = transformer.peft_config["default"].to_dict()
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".tmp-lora-") as tmp:
+        Flux2KleinPipeline.save_lora_weights(
+            tmp,
+            transformer_lora_layers=lora_state_dict(transformer),
+            transformer_lora_adapter_metadata=metadata,
+            weight_name=LORA_WEIGHT_NAME,
+        )
+        final = directory / LORA_WEIGHT_NAME
+        os.replace(Path(tmp) / LORA_WEIGHT_NAME, final)
+    return final
+
+
+@torch.no_grad()
+def lora_weight_norm(transformer: torch.nn.Module) -> float:
+    """Frobenius norm of all LoRA updates B @ A * scale, summed in quadrature: how far the adapter
+    has moved the base weights."""
+    total = 0.0
+    for module in transformer.modules():
+        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+            a = module.lora_A["default"].weight.float()
+            b = module.lora_B["default"].weight.float()
+            delta = (b @ a) * module.scaling["default"]
+            total += float(delta.pow(2).sum())
+    return total**0.5

@@ -1,0 +1,101 @@
+"""Load a Flux2KleinPipeline: the real Klein models from a hub id or a local folder, or the tiny
+random one built in code. The only module that knows model ids.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from klein_sweep.config import ModelConfig
+from klein_sweep.errors import ModelError
+
+# Hub ids of the real models. Base models are trained on; the distilled ones (4 steps, no CFG)
+# are for evaluation of base-trained LoRAs.
+KNOWN_MODELS = {
+    "flux2_klein_base_9b": "black-forest-labs/FLUX.2-klein-base-9B",
+    "flux2_klein_base_4b": "black-forest-labs/FLUX.2-klein-base-4B",
+    "flux2_klein_9b": "black-forest-labs/FLUX.2-klein-9B",
+    "flux2_klein_4b": "black-forest-labs/FLUX.2-klein-4B",
+}
+
+
+@dataclass
+class Runtime:
+    """Where and in which precision the model runs."""
+
+    device: str
+    dtype: "torch.dtype"  # noqa: F821 - torch imported lazily
+
+
+def pick_runtime(model: ModelConfig, device: str = "auto") -> Runtime:
+    """cuda -> mps -> cpu unless told; bf16 weights on CUDA, fp32 elsewhere unless told."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
+    dtype_name = model.dtype
+    if dtype_name == "auto":
+        dtype_name = "bfloat16" if device == "cuda" else "float32"
+    return Runtime(device=device, dtype=getattr(torch, dtype_name))
+
+
+def model_source(model: ModelConfig) -> str:
+    """The hub id or folder a pretrained model loads from."""
+    if model.path:
+        return model.path
+    if model.name in KNOWN_MODELS:
+        return KNOWN_MODELS[model.name]
+    raise ModelError(
+        f"model.path is not set and model.name '{model.name}' is not a known model "
+        f"({', '.join(KNOWN_MODELS)}); set model.path to a hub id or a local folder"
+    )
+
+
+def model_cache_id(model: ModelConfig) -> str:
+    """What identifies the weights, for the encoding-cache key."""
+    if model.kind == "tiny":
+        from klein_sweep.tiny_model import TINY_VERSION
+
+        return f"tiny-v{TINY_VERSION}-seed{model.seed}"
+    return f"{model_source(model)}@{model.revision or 'main'}"
+
+
+def load_pipeline(model: ModelConfig, runtime: Runtime):
+    """The full pipeline (transformer, VAE, text encoder, tokenizer, scheduler) on `runtime`."""
+    if model.kind == "tiny":
+        from klein_sweep.tiny_model import build_tiny_pipeline
+
+        pipe = build_tiny_pipeline(model.seed)
+    else:
+        pipe = _load_pretrained(model, runtime)
+    pipe.register_to_config(is_distilled=model.is_distilled)
+    if pipe.transformer.dtype != runtime.dtype:  # from_pretrained already loaded in runtime.dtype
+        pipe.to(dtype=runtime.dtype)
+    pipe.to(runtime.device)
+    for part in (pipe.transformer, pipe.vae, pipe.text_encoder):
+        part.requires_grad_(False)
+        part.eval()
+    return pipe
+
+
+def _load_pretrained(model: ModelConfig, runtime: Runtime):
+    from diffusers import Flux2KleinPipeline
+
+    source = model_source(model)
+    # A token comes from the environment only and is never logged.
+    token = os.environ.get("HF_TOKEN") or None
+    try:
+        return Flux2KleinPipeline.from_pretrained(
+            source, revision=model.revision, torch_dtype=runtime.dtype, token=token
+        )
+    except (OSError, ValueError) as exc:
+        local = os.path.isdir(source)
+        where = f"the folder {source}" if local else f"the hub id {source}"
+        raise ModelError(
+            f"could not load model '{model.name}' from {where}: {exc.__class__.__name__}: {str(exc).splitlines()[0]}. "
+            f"Download it once (huggingface-cli download {KNOWN_MODELS.get(model.name, source)} --local-dir DIR) "
+            f"and set model.path=DIR"
+        ) from exc
