@@ -65,8 +65,6 @@ class ModelConfig:
     def __post_init__(self):
         _choice("model.kind", self.kind, MODEL_KINDS)
         _choice("model.dtype", self.dtype, DTYPES)
-        if self.kind == "pretrained" and not self.path:
-            raise ConfigError("model.path", self.path, "a hub id or a local folder for kind=pretrained")
         if not self.text_encoder_layers or any(
             not isinstance(i, int) or i < 0 for i in self.text_encoder_layers
         ):

@@ -1,0 +1,81 @@
+"""Data folder checks, captions, repeats math, image preprocessing."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from klein_sweep.config import DataConfig
+from klein_sweep.data import load_examples, load_image, repeats_per_image, steps_for_repeats
+from klein_sweep.errors import DataError
+
+
+def cfg(path, **kw):
+    return DataConfig(path=str(path), trigger="ohwx", resolution=32, **kw)
+
+
+def test_captions_trigger_and_default(tiny_data):
+    ex = load_examples(cfg(tiny_data))
+    assert len(ex) == 8
+    assert ex[0].caption == "photo of ohwx creature on grass"  # from 000.txt
+    assert ex[1].caption == "photo of ohwx"  # no .txt: default caption
+
+
+def test_repeats_rule():
+    # FIELD_NOTES' example: N=55, 100 repeats -> 5500 steps at GA 1, 1375 at GA 4
+    assert steps_for_repeats(100, 55, 1, 1) == 5500
+    assert steps_for_repeats(100, 55, 1, 4) == 1375
+    assert steps_for_repeats(10, 3, 2, 2) == 8  # ceil(7.5)
+    assert repeats_per_image(1375, 1, 4, 55) == 100
+
+
+def test_image_resized_and_center_cropped(tmp_path):
+    Image.new("RGB", (64, 40), "red").save(tmp_path / "a.png")
+    x = load_image(tmp_path / "a.png", 32)
+    assert x.shape == (3, 32, 32)
+    assert x[0].min() > 0.99 and x[1].max() < -0.99  # red in [-1, 1]
+
+
+def test_empty_folder(tmp_path):
+    with pytest.raises(DataError, match="has no images"):
+        load_examples(cfg(tmp_path))
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_examples(cfg(tmp_path / "nope"))
+
+
+def test_corrupt_image(tiny_data):
+    (tiny_data / "003.png").write_bytes((tiny_data / "003.png").read_bytes()[:100])  # truncated
+    with pytest.raises(DataError, match="003.png cannot be read"):
+        load_examples(cfg(tiny_data))
+
+
+def test_non_image_file(tiny_data):
+    (tiny_data / "notes.pdf").write_text("x")
+    with pytest.raises(DataError, match="notes.pdf is not an image or a caption"):
+        load_examples(cfg(tiny_data))
+
+
+def test_text_named_like_image(tiny_data):
+    (tiny_data / "fake.png").write_text("not a png")
+    with pytest.raises(DataError, match="fake.png cannot be read"):
+        load_examples(cfg(tiny_data))
+
+
+def test_caption_without_image(tiny_data):
+    (tiny_data / "999.txt").write_text("photo of [trigger]")
+    with pytest.raises(DataError, match="999.txt has no image"):
+        load_examples(cfg(tiny_data))
+
+
+def test_image_smaller_than_resolution(tiny_data):
+    Image.new("RGB", (20, 20)).save(tiny_data / "small.png")
+    with pytest.raises(DataError, match="small.png is 20x20, smaller than data.resolution=32"):
+        load_examples(cfg(tiny_data))
+
+
+def test_hidden_files_ignored(tiny_data):
+    (tiny_data / ".DS_Store").write_bytes(b"\0")
+    assert len(load_examples(cfg(tiny_data))) == 8

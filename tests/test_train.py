@@ -1,0 +1,91 @@
+"""The training loop on the tiny model: it learns, it is reproducible, it survives a NaN."""
+
+from __future__ import annotations
+
+import torch
+
+from klein_sweep.config import DataConfig, TrainConfig
+from klein_sweep.data import load_examples
+from klein_sweep.encoding import EncodingCache, EncodingKey, encode_data
+from klein_sweep.lora import inject_lora
+from klein_sweep.tiny_model import TINY_MAX_SEQUENCE_LENGTH, TINY_TEXT_LAYERS, build_tiny_pipeline
+from klein_sweep.tracking import NullTracker
+from klein_sweep.train import Batch, checkpoint_schedule, flow_matching_loss, train_lora
+
+
+def setup(tiny_data, lr=1e-3, **train_kw):
+    pipe = build_tiny_pipeline(0)
+    for m in (pipe.transformer, pipe.vae, pipe.text_encoder):
+        m.requires_grad_(False)
+    examples = load_examples(DataConfig(path=str(tiny_data), resolution=32))
+    key = EncodingKey("tiny", 32, tuple(TINY_TEXT_LAYERS), TINY_MAX_SEQUENCE_LENGTH)
+    data = encode_data(pipe, examples, key, EncodingCache(None))
+    cfg = TrainConfig(lr=lr, steps=1, rank=8, batch_size=4, **train_kw)
+    params = inject_lora(pipe.transformer, rank=cfg.rank, alpha=cfg.alpha, preset="all_linear", seed=0)
+    return pipe, data, cfg, params
+
+
+def fixed_batch(data, n=8, seed=123):
+    g = torch.Generator().manual_seed(seed)
+    return Batch(
+        latents=data.latents[:n],
+        prompt_embeds=data.prompt_embeds[:n],
+        noise=torch.randn(data.latents[:n].shape, generator=g),
+        sigmas=torch.rand(n, generator=g) * 0.8 + 0.1,
+    )
+
+
+def test_short_training_lowers_loss_on_a_fixed_batch(tiny_data):
+    pipe, data, cfg, params = setup(tiny_data, lr=1e-2)
+    batch = fixed_batch(data)
+    with torch.no_grad():
+        before = flow_matching_loss(pipe.transformer, batch, "cpu").item()
+    result = train_lora(pipe.transformer, params, data, cfg, steps=60, device="cpu", progress=False)
+    with torch.no_grad():
+        after = flow_matching_loss(pipe.transformer, batch, "cpu").item()
+    assert result.status == "finished" and result.steps_done == 60
+    assert after < 0.8 * before, (before, after)  # measured: 1.41 -> 1.01
+
+
+def test_same_seed_same_run(tiny_data):
+    runs = []
+    for _ in range(2):
+        pipe, data, cfg, params = setup(tiny_data, grad_accum=2)
+        runs.append(train_lora(pipe.transformer, params, data, cfg, steps=5, device="cpu", caption_dropout=0.5, progress=False).losses)
+    assert runs[0] == runs[1]
+
+
+def test_checkpoints_and_stop_callback(tiny_data):
+    pipe, data, cfg, params = setup(tiny_data)
+    seen = []
+
+    def on_checkpoint(event, model):
+        seen.append(event.step)
+        return event.step >= 4
+
+    tracker = NullTracker()
+    result = train_lora(
+        pipe.transformer, params, data, cfg, steps=10, device="cpu", checkpoints=[2, 4, 6, 10],
+        on_checkpoint=on_checkpoint, tracker=tracker, progress=False,
+    )
+    assert seen == [2, 4] and result.status == "stopped" and result.steps_done == 4
+    assert [s for s, k, _ in tracker.metrics if k == "train/loss"] == [1, 2, 3, 4]
+    assert checkpoint_schedule(10, 4, extra=[5, 50]) == [4, 5, 8, 10]
+    assert checkpoint_schedule(10, 0) == [10]
+
+
+def test_nonfinite_loss_ends_the_trial_with_a_reason(tiny_data):
+    pipe, data, cfg, params = setup(tiny_data)
+    data.latents[3] = float("nan")
+    cfg.batch_size = 8  # every batch holds the poisoned image
+    result = train_lora(pipe.transformer, params, data, cfg, steps=5, device="cpu", progress=False)
+    assert result.status == "diverged" and result.steps_done == 1
+    assert "non-finite training loss" in result.reason
+
+
+def test_lr_schedule_with_warmup(tiny_data):
+    pipe, data, cfg, params = setup(tiny_data, lr_schedule="constant_with_warmup", warmup_steps=4)
+    tracker = NullTracker()
+    train_lora(pipe.transformer, params, data, cfg, steps=6, device="cpu", tracker=tracker, progress=False)
+    lrs = [v for _, k, v in tracker.metrics if k == "train/lr"]
+    assert lrs[0] < lrs[2] < lrs[4] == lrs[5] == cfg.lr
