@@ -30,7 +30,10 @@ def main(cfg: DictConfig) -> None:
         resolved = OmegaConf.to_container(cfg, resolve=True)
         output_dir = hydra.core.hydra_config.HydraConfig.get().runtime.output_dir
         settings = build_settings(resolved, output_dir=output_dir)
-        run_single_trial(settings, OmegaConf.to_yaml(cfg, resolve=True))
+        if settings.sweep is not None:
+            run_sweep_command(settings, resolved)
+        else:
+            run_single_trial(settings, OmegaConf.to_yaml(cfg, resolve=True))
     except KleinSweepError as exc:
         # One clear line and a non-zero exit; SystemExit passes through Hydra untouched.
         print(f"klein_sweep: error: {exc}", file=sys.stderr)
@@ -72,6 +75,24 @@ def run_single_trial(settings: Settings, resolved_yaml: str) -> None:
     if outcome.run_description:
         print(f"MLflow {outcome.run_description}; artifacts: config.yaml, lora/{outcome.lora_path.name if outcome.lora_path else ''}")
         print("browse with: mlflow ui --backend-store-uri " + settings.tracking.uri)
+
+
+def run_sweep_command(settings: Settings, resolved: dict) -> None:
+    from klein_sweep.errors import ConfigError
+    from klein_sweep.sweep import plan_sweep, redact
+    from klein_sweep.sweep_run import run_sweep
+
+    if not settings.eval.enabled and settings.sweep.objective.startswith("eval/"):
+        raise ConfigError("eval.enabled", False, f"true: the sweep's objective {settings.sweep.objective} is measured at checkpoints (eval=default)")
+    plan = plan_sweep(settings, resolved)
+    for note in plan.notes:
+        log.info(note)
+    log.info("study %s in %s", plan.study_name, redact(plan.storage_url))
+    summary = run_sweep(plan)
+    print(f"sweep {plan.study_name}: this worker ran {len(summary.ran)} trials, {len(summary.failed)} failed")
+    print(f"report: {summary.report_dir / 'report.md'} and {summary.report_dir / 'heatmaps.png'}")
+    if summary.parent_run_id:
+        print(f"MLflow experiment '{plan.study_name}', parent run {summary.parent_run_id}; browse with: mlflow ui --backend-store-uri {settings.tracking.uri}")
 
 
 def open_tracker(settings: Settings, run_name: str):

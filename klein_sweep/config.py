@@ -33,6 +33,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 OPTIMIZERS = ("adamw", "adamw8bit")
 TRACKING_BACKENDS = ("mlflow", "none")
+FEATURE_NETWORKS = ("random_conv",)
 
 
 @dataclass
@@ -203,6 +204,63 @@ class TrainConfig:
 class EvalConfig:
     enabled: bool = False
     """Evaluate at checkpoints (samples and metrics). Off: only the training loss is tracked."""
+    trigger_prompts: list = field(default_factory=lambda: ["photo of [trigger]"])
+    """Prompts with the trigger: identity similarity and KID against the training images."""
+    prior_prompts: list = field(default_factory=lambda: ["photo of a creature"])
+    """Prompts without the trigger: prior preservation (LoRA vs base samples) and concept leak."""
+    seeds: list = field(default_factory=lambda: [0, 1])
+    """Fixed seeds; every prompt is sampled once per seed, identically in every trial."""
+    sample_steps: Optional[int] = None
+    """Denoising steps; null = the model's recipe (model.sample_steps)."""
+    guidance_scale: Optional[float] = None
+    """CFG scale; null = the model's recipe (model.guidance_scale)."""
+    resolution: Optional[int] = None
+    """Sample resolution; null = data.resolution."""
+    batch_size: int = 16
+    """Images generated per pipeline call."""
+    feature_network: str = "random_conv"
+    """Feature network for KID/FID/IS and identity: `random_conv` (a fixed random conv net: a
+    generic image feature space for the tiny model)."""
+    kid_subset_size: Optional[int] = None
+    """KID subset size; null = fit to the sample count (min of the two set sizes)."""
+    id_drop: float = 0.10
+    """Collapsed when identity similarity falls this far (cosine) below the trial's running best."""
+    kid_factor: float = 3.0
+    """Collapsed when KID to the reference images rises past this factor of the trial's best."""
+    prior_kid_factor: float = 3.0
+    """Collapsed when prior-preservation KID rises past this factor of max(best, prior_kid_floor)."""
+    prior_kid_floor: float = 0.02
+    """Floor under the best prior KID: early checkpoints sit at ~0, and a factor of ~0 is noise."""
+    leak_margin: float = 0.15
+    """Collapsed when no-trigger samples are this much (cosine) more similar to the identity than
+    the base model's no-trigger samples are: the character bleeds into every prompt."""
+    degenerate_frac: float = 0.5
+    """Collapsed when at least this fraction of samples is flat, pure noise or non-finite."""
+    flat_std: float = 0.02
+    """An image whose pixel std (in [0, 1] units) is below this is flat."""
+    noise_level: float = 0.35
+    """An image whose high-frequency energy share (Laplacian / std) is above this is noise."""
+    underfit_margin: float = 0.05
+    """Underfit while identity similarity is within this margin of the base model's."""
+    overfit_sample_sim: float = 0.97
+    """Overfit when trigger samples are this similar to each other (diversity gone)."""
+
+    def __post_init__(self):
+        for key in ("trigger_prompts", "prior_prompts", "seeds"):
+            if self.enabled and not getattr(self, key):
+                raise ConfigError(f"eval.{key}", getattr(self, key), "a non-empty list")
+        if any(not isinstance(p, str) or "[trigger]" not in p for p in self.trigger_prompts):
+            raise ConfigError("eval.trigger_prompts", self.trigger_prompts, "prompts that contain [trigger]")
+        if any(not isinstance(p, str) or "[trigger]" in p for p in self.prior_prompts):
+            raise ConfigError("eval.prior_prompts", self.prior_prompts, "prompts without [trigger]")
+        _choice("eval.feature_network", self.feature_network, FEATURE_NETWORKS)
+        _int_range("eval.batch_size", self.batch_size, 1, 4096)
+        if self.sample_steps is not None:
+            _int_range("eval.sample_steps", self.sample_steps, 1, 1000)
+        for key in ("id_drop", "leak_margin", "degenerate_frac", "underfit_margin", "overfit_sample_sim"):
+            _float_range(f"eval.{key}", getattr(self, key), 0.0, 1.0)
+        for key in ("kid_factor", "prior_kid_factor"):
+            _float_range(f"eval.{key}", getattr(self, key), 1.0, 1e6)
 
 
 @dataclass
@@ -223,6 +281,124 @@ class TrackingConfig:
             raise ConfigError("tracking.uri", self.uri, "an MLflow tracking URI such as sqlite:///mlflow.db")
 
 
+SAMPLERS = ("grid", "tpe", "random")
+PARAM_TYPES = ("categorical", "float", "int")
+STEP_AXES = ("steps", "repeats")
+OBJECTIVES = ("eval/id_sim", "eval/kid", "eval/prior_kid", "eval/fid", "eval/is", "eval/leak")
+# Settings a sweep may vary: the training hyperparameters and the sampling of training data.
+SWEEPABLE_PREFIXES = ("train.", "data.caption_dropout", "data.resolution")
+
+
+@dataclass
+class ParamSpec:
+    """One axis of a sweep's search space."""
+
+    type: str = "categorical"
+    """categorical (a list of `values`; the grid sampler needs these) | float | int (low..high)."""
+    values: Optional[list] = None
+    """The choices of a categorical parameter."""
+    low: Optional[float] = None
+    """Lower bound of a float/int parameter."""
+    high: Optional[float] = None
+    """Upper bound of a float/int parameter."""
+    log: bool = False
+    """Sample on a log scale (learning rates)."""
+    step: Optional[float] = None
+    """Quantisation step of an int/float parameter."""
+
+
+@dataclass
+class SweepConfig:
+    name: str = ""
+    """Sweep name: the MLflow experiment, the Optuna study, the folder sweeps/<name>/."""
+    objective: str = "eval/id_sim"
+    """Metric optimised over non-collapsed checkpoints: one of OBJECTIVES."""
+    direction: str = "maximize"
+    """maximize | minimize."""
+    sampler: str = "grid"
+    """grid (every cell once) | tpe (Optuna TPE, constant liar for parallel workers) | random."""
+    n_trials: Optional[int] = None
+    """Trials to run (tpe/random; required there). Grid: every cell, this is ignored."""
+    seed: int = 0
+    """Sampler seed."""
+    storage: Optional[str] = None
+    """Optuna storage URL (sqlite:///..., postgresql://...); null = sqlite file sweeps/<name>/study.db."""
+    output_dir: Optional[str] = None
+    """Where the study, reports and trial files go; null = sweeps/<name>."""
+    params: dict = field(default_factory=dict)
+    """Search space: config key -> ParamSpec, nested as in the config (train: {lr: {type:
+    categorical, values: [...]}}); flattened to dotted keys (train.lr) on load."""
+    step_axis: str = "steps"
+    """The report's column axis: `steps`, or `repeats` (repeats per image, for comparisons at
+    equal repeats across grad_accum or batch sizes)."""
+    repeats_values: Optional[list] = None
+    """With step_axis=repeats: the repeats-per-image values to checkpoint at."""
+    heartbeat_seconds: int = 30
+    """A running trial records a heartbeat this often; one silent for 4x this is taken as dead
+    and re-run."""
+
+    def __post_init__(self):
+        if not self.name:
+            raise ConfigError("sweep.name", self.name, "a non-empty name")
+        _choice("sweep.objective", self.objective, OBJECTIVES)
+        _choice("sweep.direction", self.direction, ("maximize", "minimize"))
+        _choice("sweep.sampler", self.sampler, SAMPLERS)
+        _choice("sweep.step_axis", self.step_axis, STEP_AXES)
+        if not self.params:
+            raise ConfigError("sweep.params", self.params, "at least one parameter to sweep")
+        specs = {}
+        for key, raw in _flatten_specs(self.params).items():
+            if not isinstance(raw, dict):
+                raise ConfigError(f"sweep.params.{key}", raw, "a mapping with type and values or low/high")
+            if not key.startswith(SWEEPABLE_PREFIXES):
+                raise ConfigError(f"sweep.params.{key}", raw, f"a key under {', '.join(SWEEPABLE_PREFIXES)}")
+            specs[key] = spec = build_dataclass(ParamSpec, raw, prefix=f"sweep.params.{key}")
+            _check_param(key, spec, self.sampler)
+        self.params = specs
+        if self.sampler != "grid" and not self.n_trials:
+            raise ConfigError("sweep.n_trials", self.n_trials, f"an integer >= 1 for sampler={self.sampler}")
+        if self.n_trials is not None:
+            _int_range("sweep.n_trials", self.n_trials, 1, 100_000)
+        if self.step_axis == "repeats":
+            if not self.repeats_values or any(not isinstance(r, (int, float)) or r <= 0 for r in self.repeats_values):
+                raise ConfigError("sweep.repeats_values", self.repeats_values, "a list of positive numbers with step_axis=repeats")
+            if "train.steps" in self.params:
+                raise ConfigError("sweep.params.train.steps", "...", "not swept with step_axis=repeats (repeats set the steps)")
+        _int_range("sweep.heartbeat_seconds", self.heartbeat_seconds, 1, 3600)
+
+
+def _flatten_specs(params: dict, prefix: str = "") -> dict:
+    """{'train': {'lr': {type: ...}}} -> {'train.lr': {type: ...}}. Nested in YAML so that a
+    command line can override `sweep.params.train.lr.values=[...]`."""
+    out = {}
+    for key, value in params.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value and not ({"type", "values", "low", "high"} & set(value)):
+            out.update(_flatten_specs(value, dotted))
+        else:
+            out[dotted] = value
+    return out
+
+
+def _check_param(key: str, spec: ParamSpec, sampler: str) -> None:
+    where = f"sweep.params.{key}"
+    _choice(f"{where}.type", spec.type, PARAM_TYPES)
+    if spec.type == "categorical":
+        if not spec.values:
+            raise ConfigError(f"{where}.values", spec.values, "a non-empty list of choices")
+        if len(set(map(repr, spec.values))) != len(spec.values):
+            raise ConfigError(f"{where}.values", spec.values, "choices without duplicates")
+        return
+    if sampler == "grid":
+        raise ConfigError(f"{where}.type", spec.type, "categorical with sampler=grid (a grid needs explicit values)")
+    if spec.low is None or spec.high is None:
+        raise ConfigError(where, {"low": spec.low, "high": spec.high}, "both low and high")
+    if spec.low > spec.high:
+        raise ConfigError(f"{where}.low", spec.low, f"<= high ({spec.high})")
+    if spec.log and spec.low <= 0:
+        raise ConfigError(f"{where}.low", spec.low, "> 0 with log: true")
+
+
 @dataclass
 class Settings:
     """Everything one trial needs, validated."""
@@ -232,6 +408,7 @@ class Settings:
     train: TrainConfig
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sweep: Optional[SweepConfig] = None
     output_dir: str = "outputs"
     """Where this run writes its local files (the LoRA, the resolved config)."""
 
@@ -247,6 +424,11 @@ def build_settings(cfg: dict[str, Any], output_dir: str = "outputs") -> Settings
         if not isinstance(values, dict):
             raise ConfigError(group, values, f"a mapping of {cls.__name__} fields")
         parts[group] = build_dataclass(cls, values, prefix=group)
+    sweep = cfg.get("sweep")
+    if sweep is not None:
+        if not isinstance(sweep, dict):
+            raise ConfigError("sweep", sweep, "a sweep config (use +sweep=NAME)")
+        parts["sweep"] = build_dataclass(SweepConfig, sweep, prefix="sweep")
     return Settings(**parts, output_dir=output_dir)
 
 

@@ -83,6 +83,15 @@ class MlflowTracker:
         run = client.create_run(experiment_id, run_name=run_name, tags=run_tags)
         return cls(client, run.info.run_id, experiment_id)
 
+    @classmethod
+    def attach(cls, uri: str, run_id: str) -> "MlflowTracker":
+        """Reopen an existing run (a sweep's parent, from another worker)."""
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        run = client.get_run(run_id)
+        return cls(client, run_id, run.info.experiment_id)
+
     def log_params(self, params):
         from mlflow.entities import Param
 

@@ -104,6 +104,7 @@ def run_training(
     tracker,
     evaluate: Callable | None = None,
     progress: bool = True,
+    lora_artifact_path: str = "lora",
 ) -> TrialOutcome:
     """Inject the LoRA, train with checkpoints, save the LoRA and log it to `tracker`."""
     import torch
@@ -148,7 +149,7 @@ def run_training(
     lora_path = None
     if result.status != "diverged":
         lora_path = save_lora(transformer, Path(s.output_dir) / "lora")
-        tracker.log_artifact(lora_path, "lora")
+        tracker.log_artifact(lora_path, lora_artifact_path)
     final_loss = result.losses[-1] if result.losses else None
     return TrialOutcome(
         status=result.status,

@@ -1,0 +1,336 @@
+"""A sweep worker: take trials from the study until none is left, run each as a tracked LoRA
+trial with checkpoint evaluation and collapse detection, then write the report.
+
+Several workers (processes or machines) may run this on one study at once. A failing trial is
+recorded with its reason and the worker goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from klein_sweep import collapse
+from klein_sweep.config import Settings
+from klein_sweep.errors import KleinSweepError
+from klein_sweep.sweep import (
+    ATTR_CELL,
+    ATTR_FAILURE,
+    Heartbeat,
+    SweepPlan,
+    apply_params,
+    next_trial,
+    open_study,
+    recover_interrupted,
+    sync_grid_queue,
+)
+
+log = logging.getLogger(__name__)
+
+ATTR_ROWS = "checkpoints"
+ATTR_STATE = "state"
+ATTR_COLLAPSE_STEP = "collapse_step"
+ATTR_BEST_STEP = "best_step"
+ATTR_BASE = "base"
+ATTR_RUN_ID = "mlflow_run_id"
+ATTR_STEPS = "steps"
+ATTR_TRAIN_SECONDS = "train_seconds"
+ATTR_EVAL_SECONDS = "eval_seconds"
+STUDY_PARENT_RUN = "mlflow_parent_run_id"
+
+
+@dataclass
+class SweepSummary:
+    ran: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+    report_dir: Path | None = None
+    parent_run_id: str | None = None
+
+
+class SharedModel:
+    """The pipeline, encodings and base-model samples of a worker, reused across its trials
+    (the LoRA is unloaded after each trial). Rebuilt only when a trial changes model or data."""
+
+    def __init__(self):
+        self.key = None
+        self.prepared = None
+        self.evaluator = None
+
+    def get(self, plan_t, settings: Settings):
+        from klein_sweep.evaluation import CheckpointEvaluator, eval_prompts
+        from klein_sweep.trial import prepare_model
+
+        key = (repr(settings.model), repr(settings.data), repr(settings.eval))
+        if key != self.key:
+            trigger, prior = eval_prompts(settings) if settings.eval.enabled else ([], [])
+            self.prepared = prepare_model(plan_t, extra_prompts=trigger + prior)
+            self.evaluator = None
+            if settings.eval.enabled:
+                self.evaluator = CheckpointEvaluator(settings, self.prepared.pipe, self.prepared.data, plan_t.examples)
+                self.evaluator.compute_base()  # before any LoRA touches the transformer
+            self.key = key
+        return self.prepared, self.evaluator
+
+
+def run_sweep(plan: SweepPlan, progress: bool = True) -> SweepSummary:
+    study = open_study(plan)
+    recovered = recover_interrupted(study)
+    if recovered:
+        log.info("trials %s were interrupted; their cells run again", recovered)
+    if plan.sweep.sampler == "grid":
+        queued = sync_grid_queue(study, plan.cells)
+        log.info("grid: %d cells, %d queued now", len(plan.cells), queued)
+    study.set_user_attr("meta", {
+        "objective": plan.sweep.objective, "direction": plan.sweep.direction, "step_axis": plan.sweep.step_axis,
+        "step_values": plan.step_values, "repeats_values": plan.sweep.repeats_values,
+        "steps_are_checkpoints": plan.steps_are_checkpoints, "notes": plan.notes, "n_cells": len(plan.cells),
+        "trainings_saved": plan.n_trainings_saved,
+    })
+    parent = open_parent_run(study, plan)
+    summary = SweepSummary(parent_run_id=getattr(parent, "run_id", None))
+    shared = SharedModel()
+    while (trial := next_trial(study, plan)) is not None:
+        ok = run_sweep_trial(study, trial, plan, shared, parent, progress)
+        (summary.ran if ok else summary.failed).append(trial.number)
+    from klein_sweep.report import write_report
+
+    summary.report_dir = write_report(plan.output_dir, study=study)
+    if parent is not None:
+        for path in sorted(summary.report_dir.iterdir()):
+            if path.is_file() and path.suffix in (".md", ".png", ".json"):
+                parent.log_artifact(path, "report")
+        parent.flush()
+    return summary
+
+
+def open_parent_run(study, plan: SweepPlan):
+    """The study's MLflow parent run: created by the first worker, reopened by the others."""
+    from klein_sweep.tracking import MlflowTracker
+
+    tracking = apply_params(plan.base_cfg, {}, "").tracking
+    if tracking.backend == "none":
+        return None
+    run_id = study.user_attrs.get(STUDY_PARENT_RUN)
+    if run_id:
+        return MlflowTracker.attach(tracking.uri, run_id)
+    parent = MlflowTracker.start(tracking.uri, plan.sweep.name, run_name=f"study {plan.sweep.name}", tags={"klein.study": plan.sweep.name})
+    parent.log_params({f"sweep.{k}": v for k, v in _sweep_params(plan).items()})
+    study.set_user_attr(STUDY_PARENT_RUN, parent.run_id)
+    return parent
+
+
+def _sweep_params(plan: SweepPlan) -> dict:
+    s = plan.sweep
+    return {
+        "objective": s.objective, "direction": s.direction, "sampler": s.sampler, "n_cells": len(plan.cells),
+        "step_values": plan.step_values, "steps_are_checkpoints": plan.steps_are_checkpoints,
+        "params": {k: (v.values if v.type == "categorical" else [v.low, v.high]) for k, v in s.params.items()},
+    }
+
+
+def run_sweep_trial(study, trial, plan: SweepPlan, shared: SharedModel, parent, progress: bool) -> bool:
+    """One Optuna trial, start to tell. Returns False when it failed (recorded, not raised)."""
+    import torch
+    from optuna.trial import TrialState
+
+    tracker = None
+    transformer = None
+    try:
+        with Heartbeat(study, trial, plan.sweep.heartbeat_seconds):
+            params = suggest(trial, plan)
+            settings = apply_params(plan.base_cfg, params, output_dir=str(plan.output_dir / "trials" / f"{trial.number:04d}"))
+            plan_t = trial_plan(settings, plan)
+            prepared, evaluator = shared.get(plan_t, settings)
+            transformer = prepared.pipe.transformer
+            tracker = open_child_run(settings, plan, trial, params, parent)
+            record = TrialRecorder(trial, plan, settings, evaluator, tracker, n_images=len(plan_t.examples))
+            from klein_sweep.trial import run_training
+
+            start = time.perf_counter()
+            outcome = run_training(
+                plan_t, prepared, tracker, evaluate=record.on_checkpoint, progress=progress, lora_artifact_path="lora/last"
+            )
+            train_seconds = time.perf_counter() - start - record.eval_seconds
+            state, value = record.finish(outcome, plan_t.steps)
+            trial.set_user_attr(ATTR_TRAIN_SECONDS, round(train_seconds, 3))
+            trial.set_user_attr(ATTR_EVAL_SECONDS, round(record.eval_seconds, 3))
+        if value is None:
+            study.tell(trial, state=TrialState.PRUNED)
+        else:
+            study.tell(trial, value)
+        tracker.finish("FINISHED")
+        log.info("trial %d %s: %s", trial.number, params, state)
+        return True
+    except KeyboardInterrupt:
+        _fail(study, trial, tracker, None, interrupted=True)
+        raise
+    except Exception as exc:
+        reason = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500]
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            torch.cuda.empty_cache()
+        log.warning("trial %d failed: %s", trial.number, reason, exc_info=not isinstance(exc, KleinSweepError))
+        _fail(study, trial, tracker, reason)
+        return False
+    finally:
+        if transformer is not None and getattr(transformer, "_hf_peft_config_loaded", False):
+            transformer.unload_lora()
+
+
+def _fail(study, trial, tracker, reason: str | None, interrupted: bool = False):
+    from optuna.trial import TrialState
+
+    if reason:
+        trial.set_user_attr(ATTR_FAILURE, reason)
+    if interrupted:
+        trial.set_user_attr("interrupted", True)
+    study.tell(trial, state=TrialState.FAIL)
+    if tracker is not None:
+        tracker.set_tags({"klein.state": "failed", "klein.failure_reason": reason or "interrupted"})
+        tracker.finish("KILLED" if interrupted else "FAILED")
+
+
+def suggest(trial, plan: SweepPlan) -> dict:
+    """The trial's params through Optuna's suggest API (a queued grid cell returns its values)."""
+    params = {}
+    for key, spec in plan.sweep.params.items():
+        if plan.steps_are_checkpoints and key == "train.steps":
+            continue
+        if spec.type == "categorical":
+            params[key] = trial.suggest_categorical(key, list(spec.values))
+        elif spec.type == "int":
+            params[key] = trial.suggest_int(key, int(spec.low), int(spec.high), step=int(spec.step or 1), log=spec.log)
+        else:
+            params[key] = trial.suggest_float(key, spec.low, spec.high, step=spec.step, log=spec.log)
+    trial.set_user_attr(ATTR_CELL, params)
+    return params
+
+
+def trial_plan(settings: Settings, plan: SweepPlan):
+    """Steps and checkpoints of one trial: to the last step value when steps are checkpoints;
+    at the repeats values converted to this trial's steps on the repeats axis."""
+    import dataclasses
+
+    from klein_sweep.data import load_examples, steps_for_repeats
+    from klein_sweep.trial import resolve_plan
+
+    t = settings.train
+    if plan.steps_are_checkpoints:
+        settings.train = dataclasses.replace(t, steps=plan.step_values[-1], repeats=None)
+        return resolve_plan(settings, extra_checkpoints=plan.step_values)
+    if plan.sweep.step_axis == "repeats":
+        n = len(load_examples(settings.data))
+        marks = [steps_for_repeats(r, n, t.batch_size, t.grad_accum) for r in plan.sweep.repeats_values]
+        settings.train = dataclasses.replace(t, steps=max(marks), repeats=None)
+        return resolve_plan(settings, extra_checkpoints=marks)
+    return resolve_plan(settings)
+
+
+def open_child_run(settings: Settings, plan: SweepPlan, trial, params: dict, parent):
+    from klein_sweep.tracking import MlflowTracker, NullTracker
+
+    if parent is None:
+        return NullTracker()
+    label = " ".join(f"{k.split('.')[-1]}={v}" for k, v in params.items())
+    return MlflowTracker.start(
+        settings.tracking.uri,
+        plan.sweep.name,
+        run_name=f"trial {trial.number}: {label}",
+        parent_run_id=parent.run_id,
+        tags={"optuna.trial": trial.number, "optuna.study": plan.sweep.name, **{f"cell.{k}": v for k, v in params.items()}},
+    )
+
+
+class TrialRecorder:
+    """The evaluation callback of one trial: metrics -> collapse state -> Optuna report ->
+    tracker; keeps the best checkpoint's LoRA."""
+
+    def __init__(self, trial, plan: SweepPlan, settings: Settings, evaluator, tracker, n_images: int):
+        self.trial, self.plan, self.settings, self.evaluator, self.tracker = trial, plan, settings, evaluator, tracker
+        self.n_images = n_images
+        self.rows: list[dict] = []
+        self.eval_seconds = 0.0
+        self.best_value = None
+        self.th = collapse.Thresholds.from_eval(settings.eval)
+        self.objective = plan.sweep.objective.split("/", 1)[1]
+        self.base = (
+            {"id_sim": evaluator.base.id_sim, "leak": evaluator.base.leak, "degenerate": evaluator.base.degenerate}
+            if evaluator
+            else {}
+        )
+        self.trial.set_user_attr(ATTR_BASE, self.base)
+
+    def on_checkpoint(self, event, model) -> tuple[dict, bool]:
+        from klein_sweep.lora import lora_weight_norm, save_lora
+
+        t = self.settings.train
+        row = {
+            "step": event.step,
+            "repeats": round(event.step * t.batch_size * t.grad_accum / self.n_images, 6),
+            "loss": event.loss,
+            "lora_norm": lora_weight_norm(model),
+            "lr": event.lr,
+        }
+        metrics = {}
+        if self.evaluator is not None:
+            start = time.perf_counter()
+            values, grid = self.evaluator.evaluate()
+            self.eval_seconds += time.perf_counter() - start
+            row.update(values)
+            metrics = {f"eval/{k}": v for k, v in values.items()}
+            grid_path = Path(self.settings.output_dir) / "samples" / f"step_{event.step:06d}.png"
+            grid_path.parent.mkdir(parents=True, exist_ok=True)
+            grid.save(grid_path)
+            self.tracker.log_artifact(grid_path, "samples")
+        self.rows.append(row)
+        current = collapse.classify(self.rows, self.base, self.th)[-1]
+        metrics["eval/collapsed"] = float(current["state"] == "collapsed")
+        value = row.get(self.objective)
+        if current["state"] != "collapsed" and value is not None and math.isfinite(value):
+            self.trial.report(value, event.step)
+            better = self.best_value is None or (value > self.best_value if self.plan.sweep.direction == "maximize" else value < self.best_value)
+            if better:
+                self.best_value = value
+                save_lora(model, Path(self.settings.output_dir) / "lora_best")
+        # A collapsed checkpoint ends the trial: later steps are known collapsed.
+        return metrics, current["state"] == "collapsed"
+
+    def finish(self, outcome, total_steps: int) -> tuple[str, float | None]:
+        if outcome.status == "diverged":
+            self.rows.append({"step": outcome.steps_done, "loss": float("nan")})
+        rows = collapse.classify(self.rows, self.base, self.th)
+        best = collapse.best_checkpoint(rows, self.objective, self.plan.sweep.direction)
+        collapse_step = collapse.first_collapse_step(rows)
+        state = rows[-1]["state"] if rows else "failed"
+        t = self.trial
+        t.set_user_attr(ATTR_ROWS, [_jsonable(r) for r in rows])
+        t.set_user_attr(ATTR_STATE, state)
+        t.set_user_attr(ATTR_COLLAPSE_STEP, collapse_step)
+        t.set_user_attr(ATTR_BEST_STEP, best["step"] if best else None)
+        t.set_user_attr(ATTR_STEPS, total_steps)
+        tags = {
+            "klein.state": state,
+            "klein.collapse_step": collapse_step if collapse_step is not None else "none",
+            "klein.best_step": best["step"] if best else "none",
+        }
+        if outcome.reason:
+            tags["klein.reason"] = outcome.reason
+        if collapse_step is not None:
+            tags["klein.collapse_reason"] = next(r["reason"] for r in rows if r["state"] == "collapsed")
+        self.tracker.set_tags(tags)
+        best_lora = Path(self.settings.output_dir) / "lora_best" / "pytorch_lora_weights.safetensors"
+        if best_lora.exists():
+            self.tracker.log_artifact(best_lora, "lora/best")
+        return state, (best[self.objective] if best else None)
+
+
+def _jsonable(row: dict) -> dict:
+    out = {}
+    for k, v in row.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            out[k] = str(v)  # JSON has no NaN; the report parses it back
+        else:
+            out[k] = v
+    return out
