@@ -253,6 +253,11 @@ class EvalConfig:
             raise ConfigError("eval.trigger_prompts", self.trigger_prompts, "prompts that contain [trigger]")
         if any(not isinstance(p, str) or "[trigger]" in p for p in self.prior_prompts):
             raise ConfigError("eval.prior_prompts", self.prior_prompts, "prompts without [trigger]")
+        if self.enabled:
+            for key in ("trigger_prompts", "prior_prompts"):
+                n = len(getattr(self, key)) * len(self.seeds)
+                if n < 2:
+                    raise ConfigError(f"eval.{key}", getattr(self, key), f"prompts x seeds >= 2 samples (KID compares sets; got {n})")
         _choice("eval.feature_network", self.feature_network, FEATURE_NETWORKS)
         _int_range("eval.batch_size", self.batch_size, 1, 4096)
         if self.sample_steps is not None:

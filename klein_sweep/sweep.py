@@ -142,25 +142,53 @@ def open_study(plan: SweepPlan):
     sweep = plan.sweep
     if plan.storage_url.startswith("sqlite:///"):
         Path(plan.storage_url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    storage = _open_storage(plan)
+    if sweep.sampler == "tpe":
+        sampler = optuna.samplers.TPESampler(seed=sweep.seed, constant_liar=True)
+    else:  # grid cells come from the queue; random also samples what a TPE search would
+        sampler = optuna.samplers.RandomSampler(seed=sweep.seed)
+    return _retry_race(
+        lambda: optuna.create_study(
+            study_name=plan.study_name, storage=storage, sampler=sampler, direction=sweep.direction, load_if_exists=True
+        )
+    )
+
+
+def _open_storage(plan: SweepPlan):
+    import optuna
+
+    kwargs = {"connect_args": {"timeout": 60}} if plan.storage_url.startswith("sqlite") else {"pool_pre_ping": True}
     try:
-        storage = optuna.storages.RDBStorage(
-            plan.storage_url,
-            engine_kwargs={"connect_args": {"timeout": 60}} if plan.storage_url.startswith("sqlite") else {"pool_pre_ping": True},
-            heartbeat_interval=sweep.heartbeat_seconds,
-            grace_period=4 * sweep.heartbeat_seconds,
+        return _retry_race(
+            lambda: optuna.storages.RDBStorage(
+                plan.storage_url,
+                engine_kwargs=kwargs,
+                heartbeat_interval=plan.sweep.heartbeat_seconds,
+                grace_period=4 * plan.sweep.heartbeat_seconds,
+            )
         )
     except Exception as exc:  # unreachable server, bad URL, missing driver
         raise KleinSweepError(
             f"sweep.storage: cannot open Optuna storage {redact(plan.storage_url)} "
             f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]})"
         ) from exc
-    if sweep.sampler == "tpe":
-        sampler = optuna.samplers.TPESampler(seed=sweep.seed, constant_liar=True)
-    else:  # grid cells come from the queue; random also samples what a TPE search would
-        sampler = optuna.samplers.RandomSampler(seed=sweep.seed)
-    return optuna.create_study(
-        study_name=plan.study_name, storage=storage, sampler=sampler, direction=sweep.direction, load_if_exists=True
-    )
+
+
+def _retry_race(make, attempts: int = 8):
+    """Workers starting together race to create the schema and the study; the loser of a race
+    sees an integrity error and simply retries, finding what the winner made."""
+    import random
+    import time
+
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    for attempt in range(attempts):
+        try:
+            return make()
+        except (IntegrityError, OperationalError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 + random.random() * 0.5 * (attempt + 1))
 
 
 def redact(url: str) -> str:

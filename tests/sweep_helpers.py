@@ -1,0 +1,48 @@
+"""Run a sweep in-process or as a worker process, at debug size on the tiny model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Each committed sweep shrunk to two short trials on the tiny model.
+DEBUG_SIZE = {
+    "lr_vs_steps": ["sweep.params.train.lr.values=[1e-4,4e-4]", "sweep.params.train.steps.values=[2,4]"],
+    "reproduce_2500_2e-4": ["sweep.params.train.lr.values=[1e-4,2e-4]", "sweep.params.train.steps.values=[2,4]"],
+    "rank_vs_lr": ["sweep.params.train.rank.values=[4,8]", "sweep.params.train.lr.values=[1e-4]", "sweep.params.train.steps.values=[2]"],
+    "grad_accum_repeats": ["sweep.params.train.grad_accum.values=[1,2]", "sweep.repeats_values=[1,2]"],
+    "search": ["sweep.n_trials=2", "sweep.params.train.steps.low=2", "sweep.params.train.steps.high=4",
+               "sweep.params.train.steps.step=2", "train.checkpoint_every=2"],
+}
+COMMON = ["model=tiny", "eval.seeds=[0,1]", "eval.trigger_prompts=['photo of [trigger]']", "eval.prior_prompts=['photo of a creature']"]
+
+
+def sweep_args(name: str, tmp: Path, *extra: str) -> list[str]:
+    return [f"+sweep={name}", *COMMON, *DEBUG_SIZE[name], f"data.cache_dir={tmp / 'cache'}", *extra]
+
+
+def run_worker(args: list[str], cwd: Path, **popen) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "klein_sweep", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def load_study(folder: Path):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = f"sqlite:///{folder / 'study.db'}"
+    (name,) = optuna.study.get_all_study_names(url)
+    return optuna.load_study(study_name=name, storage=url)
+
+
+def completed_cells(study) -> list[str]:
+    from optuna.trial import TrialState
+
+    from klein_sweep.sweep import cell_key
+
+    return sorted(cell_key(t.user_attrs["cell"]) for t in study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)))

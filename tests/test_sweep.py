@@ -1,0 +1,150 @@
+"""Sweeps end to end on the tiny model: every committed sweep, resume after a kill, two workers
+on one study, the report rebuilt from storage."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from sweep_helpers import DEBUG_SIZE, completed_cells, load_study, run_worker, sweep_args
+
+
+@pytest.mark.parametrize("name", sorted(DEBUG_SIZE))
+def test_every_sweep_runs_at_debug_size(tmp_path, name):
+    proc = run_cli(*sweep_args(name, tmp_path), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    folder = tmp_path / "sweeps" / name
+    assert (folder / "report.md").exists() and (folder / "heatmaps.png").exists()
+    study = load_study(folder)
+    assert len(completed_cells(study)) == 2
+    report = json.loads((folder / "report.json").read_text())
+    assert report["cells"] and all("state" in c for c in report["cells"])
+
+
+def test_lr_vs_steps_tracks_parent_children_and_tags(tmp_path):
+    proc = run_cli(*sweep_args("lr_vs_steps", tmp_path), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("lr_vs_steps")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 2  # one training per lr: steps are checkpoints
+    assert {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")} >= {"report/report.md", "report/heatmaps.png"}
+    for child in children:
+        tags, rid = child.data.tags, child.info.run_id
+        assert tags["mlflow.parentRunId"] == parents[0].info.run_id and "optuna.trial" in tags
+        assert tags["klein.state"] in ("underfit", "good", "overfit", "collapsed")
+        assert "klein.collapse_step" in tags and "klein.best_step" in tags
+        for key in ("eval/id_sim", "eval/kid", "eval/prior_kid", "eval/fid", "eval/is", "eval/leak"):
+            steps = [m.step for m in client.get_metric_history(rid, key)]
+            assert steps and set(steps) <= {2, 4}, key
+        assert child.data.params["train.lr"] in ("0.0001", "0.0004")
+        arts = {a.path for a in client.list_artifacts(rid)}
+        assert {"config.yaml", "samples", "lora"} <= arts or {"samples", "lora"} <= arts
+        assert [a.path for a in client.list_artifacts(rid, "lora/last")] == ["lora/last/pytorch_lora_weights.safetensors"]
+
+
+def test_killed_sweep_resumes_every_cell_once(tmp_path):
+    args = sweep_args("lr_vs_steps", tmp_path, "sweep.params.train.lr.values=[1e-4,2e-4,4e-4]",
+                      "sweep.params.train.steps.values=[150,300]", "tracking=none")
+    worker = run_worker(args, cwd=tmp_path)
+    db = tmp_path / "sweeps" / "lr_vs_steps" / "study.db"
+    deadline = time.time() + 240
+    killed = False
+    while time.time() < deadline and worker.poll() is None:
+        if db.exists():
+            from optuna.trial import TrialState
+
+            try:
+                study = load_study(db.parent)
+                states = [t.state for t in study.get_trials()]
+            except Exception:
+                states = []
+            if TrialState.COMPLETE in states and TrialState.RUNNING in states:
+                worker.send_signal(signal.SIGKILL)  # no cleanup: the trial stays RUNNING in storage
+                killed = True
+                break
+        time.sleep(0.2)
+    worker.wait(timeout=30)
+    assert killed, "the worker finished before it could be killed"
+    rerun = run_cli(*args, cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    study = load_study(db.parent)
+    cells = completed_cells(study)
+    assert len(cells) == 3 and len(set(cells)) == 3
+    interrupted = [t for t in study.get_trials() if t.user_attrs.get("interrupted")]
+    assert len(interrupted) == 1
+
+
+def test_two_workers_never_run_a_cell_twice(tmp_path):
+    args = sweep_args("lr_vs_steps", tmp_path, "sweep.params.train.lr.values=[5e-5,1e-4,1.5e-4,2e-4,4e-4]",
+                      "sweep.params.train.steps.values=[5,10]", "tracking=none")
+    # prepare the cache once so both workers start at the same time
+    workers = [run_worker(args, cwd=tmp_path) for _ in range(2)]
+    outs = [w.communicate(timeout=600) for w in workers]
+    for w, (_, err) in zip(workers, outs):
+        assert w.returncode == 0, err[-4000:]
+    study = load_study(tmp_path / "sweeps" / "lr_vs_steps")
+    cells = completed_cells(study)
+    assert len(cells) == 5 and len(set(cells)) == 5
+    workers_used = {t.user_attrs.get("worker") for t in study.get_trials() if t.user_attrs.get("cell")}
+    assert len(workers_used) >= 1
+
+
+def test_report_rebuilds_from_storage_alone(tmp_path):
+    proc = run_cli(*sweep_args("reproduce_2500_2e-4", tmp_path), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    folder = tmp_path / "sweeps" / "reproduce_2500_2e-4"
+    before = (folder / "report.md").read_text()
+    for f in ("report.md", "report.json", "heatmaps.png"):
+        (folder / f).unlink()
+    (tmp_path / "mlflow.db").unlink()
+    import shutil
+
+    shutil.rmtree(tmp_path / "mlruns", ignore_errors=True)
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "klein_sweep.report", "reproduce_2500_2e-4"], cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert (folder / "report.md").read_text() == before
+    assert (folder / "heatmaps.png").exists()
+    missing = subprocess.run([sys.executable, "-m", "klein_sweep.report", "nope"], cwd=tmp_path, capture_output=True, text=True)
+    assert missing.returncode == 2 and "no study in sweeps/nope" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("sweep.params.train.lr.values=[]", "sweep.params.train.lr.values"),
+        ("+sweep.params.train.bogus={type: categorical, values: [1]}", "train.bogus"),
+        ("+sweep.params.model.name={type: categorical, values: [a]}", "sweep.params.model.name"),
+        ("sweep.params.train.lr.values=[0,1e-4]", "train.lr"),
+        ("sweep.sampler=annealing", "sweep.sampler"),
+        ("eval=none", "eval.enabled"),
+    ],
+)
+def test_bad_sweep_input(tmp_path, override, message):
+    proc = run_cli("+sweep=lr_vs_steps", override, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "sweeps").exists()
+
+
+def test_search_space_low_above_high(tmp_path):
+    proc = run_cli("+sweep=search", "sweep.params.train.lr.low=1e-3", cwd=tmp_path)
+    assert proc.returncode == 2 and "sweep.params.train.lr.low" in proc.stderr
+
+
+def test_unknown_sweep_name(tmp_path):
+    proc = run_cli("+sweep=lr_vs_stepz", cwd=tmp_path)
+    assert proc.returncode != 0 and "Could not find 'sweep/lr_vs_stepz'" in proc.stderr and "lr_vs_steps" in proc.stderr
