@@ -148,3 +148,23 @@ def test_search_space_low_above_high(tmp_path):
 def test_unknown_sweep_name(tmp_path):
     proc = run_cli("+sweep=lr_vs_stepz", cwd=tmp_path)
     assert proc.returncode != 0 and "Could not find 'sweep/lr_vs_stepz'" in proc.stderr and "lr_vs_steps" in proc.stderr
+
+
+@pytest.mark.parametrize("schedule,cells,checkpoints", [("constant", 3, True), ("constant_with_warmup", 3, True), ("cosine", 12, False), ("linear", 12, False)])
+def test_steps_are_checkpoints_only_when_the_schedule_allows(schedule, cells, checkpoints):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from klein_sweep.config import CONF_DIR, build_settings, register_resolvers
+    from klein_sweep.sweep import plan_sweep
+
+    register_resolvers()
+    overrides = ["+sweep=reproduce_2500_2e-4", f"train.lr_schedule={schedule}"]
+    if schedule == "constant_with_warmup":
+        overrides.append("train.warmup_steps=10")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
+    plan = plan_sweep(build_settings(cfg), cfg)
+    assert len(plan.cells) == cells and plan.steps_are_checkpoints is checkpoints
+    assert plan.step_values == ([1000, 1500, 2000, 2500] if checkpoints else [])
+    assert ("steps are checkpoints" if checkpoints else "trained separately") in plan.notes[0]
