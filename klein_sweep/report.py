@@ -13,9 +13,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,6 +108,11 @@ def cell_row(trial: TrialResult, axis: str, value, steps_are_checkpoints: bool) 
     return None
 
 
+def _setting_order(trial: TrialResult) -> list:
+    """Rows in numeric order of the swept values (lr 5e-5 before 1e-4), then by trial."""
+    return [(0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v)) for _, v in sorted(trial.setting.items())] + [(0, trial.number, "")]
+
+
 def setting_label(setting: dict) -> str:
     return ", ".join(f"{k.split('.', 1)[-1]}={_fmt(v)}" for k, v in sorted(setting.items())) or "(default)"
 
@@ -114,7 +122,7 @@ def build_table(results: SweepResults) -> tuple[str, list, list[str], dict]:
     axis, columns = axis_of(results)
     sac = bool(results.meta.get("steps_are_checkpoints"))
     labels, cells = [], {}
-    for t in sorted(results.trials, key=lambda t: [str(t.setting.get(k)) if not isinstance(t.setting.get(k), (int, float)) else t.setting.get(k) for k in sorted(t.setting)]):
+    for t in sorted(results.trials, key=_setting_order):
         label = setting_label(t.setting)
         if label not in labels:
             labels.append(label)
@@ -210,7 +218,7 @@ def render_markdown(results, axis, columns, labels, cells, points, fit, best, co
                 out.append(f"{_fmt(r.get('id_sim'))} / {_fmt(r.get('kid'))} / {r.get('state')}{mark}")
         lines.append(f"| {label} | " + " | ".join(out) + " |")
     lines += ["", "## Collapse boundary", "", "| setting | first collapsed step | reason |", "|---|---|---|"]
-    for t in sorted(results.trials, key=lambda t: setting_label(t.setting)):
+    for t in sorted(results.trials, key=_setting_order):
         reason = next((r.get("reason", "") for r in t.rows if r.get("state") == "collapsed"), "")
         lines.append(f"| {setting_label(t.setting)} | {t.collapse_step if t.collapse_step is not None else 'none'} | {reason} |")
     if fit is not None:
@@ -277,10 +285,9 @@ def plot_heatmaps(path: Path, results, axis, columns, labels, cells, fit, best) 
         ax.set_title(title, fontsize=10)
     fig.suptitle(f"{results.name}: G good, U underfit, O overfit, X collapsed; red = boundary, gold = best, dashed = fit", fontsize=10)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with _temporary_beside(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    tmp.replace(path)
 
 
 def _draw_fit(ax, fit, results, labels, columns) -> None:
@@ -333,9 +340,22 @@ def _fmt(v) -> str:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    with _temporary_beside(path) as tmp:
+        tmp.write_text(text)
+
+
+@contextlib.contextmanager
+def _temporary_beside(path: Path):
+    """A uniquely named temporary file next to `path`, renamed onto it on success: readers never
+    see half a report, and two workers finishing together do not trip over each other."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=f".tmp{path.suffix}")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_study(folder: Path, storage: str | None = None, study_name: str | None = None):

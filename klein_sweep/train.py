@@ -84,7 +84,8 @@ def train_lora(
     batches = BatchSampler(data, cfg, device, caption_dropout)
     losses: list[float] = []
     window: list[float] = []  # losses since the last checkpoint
-    bar = tqdm(total=steps, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    # disable=None: a live bar on a terminal, no bar in logs and CI.
+    bar = tqdm(total=steps, desc="train", unit="step", disable=None if progress else True, dynamic_ncols=True)
     try:
         for step in range(1, steps + 1):
             micro_losses = []
