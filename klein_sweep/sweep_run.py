@@ -100,9 +100,15 @@ def run_sweep(plan: SweepPlan, progress: bool = True) -> SweepSummary:
     summary.report_dir = write_report(plan.output_dir, study=study)
     if parent is not None:
         for path in sorted(summary.report_dir.iterdir()):
-            if path.is_file() and path.suffix in (".md", ".png", ".json"):
+            if path.is_file() and path.suffix in (".md", ".png", ".json") and not path.name.startswith("."):
                 parent.log_artifact(path, "report")
-        parent.flush()
+        from optuna.trial import TrialState
+
+        # The worker that finds nothing queued or running closes the study's run.
+        if not study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING)):
+            parent.finish("FINISHED")
+        else:
+            parent.flush()
     return summary
 
 

@@ -37,6 +37,7 @@ def test_lr_vs_steps_tracks_parent_children_and_tags(tmp_path):
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 1 and len(children) == 2  # one training per lr: steps are checkpoints
+    assert parents[0].info.status == "FINISHED" and all(c.info.status == "FINISHED" for c in children)
     assert {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")} >= {"report/report.md", "report/heatmaps.png"}
     for child in children:
         tags, rid = child.data.tags, child.info.run_id
