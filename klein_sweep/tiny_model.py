@@ -87,7 +87,7 @@ TINY_MAX_SEQUENCE_LENGTH = 32
 
 def build_tiny_pipeline(seed: int = 0):
     """Flux2KleinPipeline with random weights: 1 double + 1 single block, width 32."""
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     tokenizer = build_tokenizer(TINY_WORDS)
