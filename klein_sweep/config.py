@@ -28,12 +28,12 @@ LR_SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear")
 TOTAL_INDEPENDENT_SCHEDULES = ("constant", "constant_with_warmup")
 TARGET_PRESETS = ("attn", "all_linear")
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
-MODEL_KINDS = ("tiny", "pretrained")
+MODEL_KINDS = ("tiny", "mini", "pretrained")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 OPTIMIZERS = ("adamw", "adamw8bit")
 TRACKING_BACKENDS = ("mlflow", "none")
-FEATURE_NETWORKS = ("random_conv",)
+FEATURE_NETWORKS = ("auto", "mini", "random_conv")
 
 
 @dataclass
@@ -42,6 +42,7 @@ class ModelConfig:
     """Short name of the model, used in run names and cache keys (the `model=` group option)."""
     kind: str = "tiny"
     """`tiny`: a random tiny Flux2KleinPipeline built in code (offline, for tests and smoke runs);
+    `mini`: the pre-trained miniature Klein shipped in the package (klein_sweep/mini);
     `pretrained`: load with `from_pretrained` from `path` (a hub id or a local folder)."""
     path: Optional[str] = None
     """Hub id (e.g. black-forest-labs/FLUX.2-klein-base-9B) or local folder; `pretrained` only."""
@@ -218,9 +219,10 @@ class EvalConfig:
     """Sample resolution; null = data.resolution."""
     batch_size: int = 16
     """Images generated per pipeline call."""
-    feature_network: str = "random_conv"
-    """Feature network for KID/FID/IS and identity: `random_conv` (a fixed random conv net: a
-    generic image feature space for the tiny model)."""
+    feature_network: str = "auto"
+    """Feature network for KID/FID/IS and identity: `mini` (trained on the mini world: attribute
+    heads + identity embedding), `random_conv` (a fixed random conv net: generic low-level
+    features, for the random tiny model), `auto` (mini for model=mini, random_conv for tiny)."""
     kid_subset_size: Optional[int] = None
     """KID subset size; null = fit to the sample count (min of the two set sizes)."""
     id_drop: float = 0.10

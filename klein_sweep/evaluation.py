@@ -57,7 +57,7 @@ class CheckpointEvaluator:
         self.settings = settings
         self.pipe = pipe
         self.recipe = sample_recipe(settings)
-        self.net = M.build_feature_network(settings.eval.feature_network)
+        self.net = M.build_feature_network(settings.eval.feature_network, settings.model.kind)
         trigger, prior = eval_prompts(settings)
         seeds = [int(s) for s in settings.eval.seeds]
         self.trigger = self._prompt_set(encoded, trigger, seeds)

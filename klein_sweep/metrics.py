@@ -32,6 +32,10 @@ class FeatureNetwork(torch.nn.Module):
     def logits(self, images: torch.Tensor) -> torch.Tensor:  # (N, K)
         raise NotImplementedError
 
+    def identity(self, images: torch.Tensor) -> torch.Tensor:  # (N, E)
+        """The embedding whose cosine is identity similarity; by default the features."""
+        return self.embed(images)
+
 
 class RandomConvFeatures(FeatureNetwork):
     """A fixed, seeded random conv net. Random conv features are a generic image descriptor
@@ -69,10 +73,21 @@ class RandomConvFeatures(FeatureNetwork):
         return self.head(self.embed(images)) * 4.0
 
 
-def build_feature_network(name: str) -> FeatureNetwork:
+def build_feature_network(name: str, model_kind: str = "tiny") -> FeatureNetwork:
+    """`auto` picks the network that knows the model's world."""
+    from klein_sweep.errors import ConfigError
+
+    if name == "auto":
+        if model_kind == "pretrained":
+            raise ConfigError("eval.feature_network", name, "an explicit network for real images (random_conv is generic low-level features)")
+        name = "mini" if model_kind == "mini" else "random_conv"
     if name == "random_conv":
         return RandomConvFeatures(seed=0)
-    raise ValueError(f"unknown feature network '{name}'")
+    if name == "mini":
+        from klein_sweep.mini.features import load_mini_features
+
+        return load_mini_features()
+    raise ConfigError("eval.feature_network", name, "auto, mini or random_conv")
 
 
 class _Embedder(torch.nn.Module):
@@ -124,13 +139,13 @@ def inception_score(net: FeatureNetwork, images: torch.Tensor, splits: int = 1) 
 
 def identity_similarity(net: FeatureNetwork, generated: torch.Tensor, reference: torch.Tensor) -> float:
     """Mean cosine similarity over all (generated, reference) pairs (DreamBooth's DINO/CLIP-I)."""
-    g = F.normalize(net.embed(generated), dim=1)
-    r = F.normalize(net.embed(reference), dim=1)
+    g = F.normalize(net.identity(generated), dim=1)
+    r = F.normalize(net.identity(reference), dim=1)
     return float((g @ r.T).mean())
 
 
 def mean_pairwise_similarity(net: FeatureNetwork, images: torch.Tensor) -> float:
-    """Mean cosine between distinct samples: near 1 when diversity is gone."""
+    """Mean cosine between distinct samples' features: near 1 when diversity is gone."""
     e = F.normalize(net.embed(images), dim=1)
     sim = e @ e.T
     n = len(images)

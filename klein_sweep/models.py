@@ -4,8 +4,10 @@ random one built in code. The only module that knows model ids.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from klein_sweep.config import ModelConfig
 from klein_sweep.errors import ModelError
@@ -54,12 +56,22 @@ def model_source(model: ModelConfig) -> str:
     )
 
 
+MINI_PIPELINE_DIR = Path(__file__).resolve().parent / "mini" / "weights" / "pipeline"
+
+
 def model_cache_id(model: ModelConfig) -> str:
     """What identifies the weights, for the encoding-cache key."""
     if model.kind == "tiny":
         from klein_sweep.tiny_model import TINY_VERSION
 
         return f"tiny-v{TINY_VERSION}-seed{model.seed}"
+    if model.kind == "mini":
+        # The shipped weights can be rebuilt: key on their content, not a name.
+        digest = hashlib.sha256()
+        for part in ("vae", "text_encoder"):
+            for f in sorted((MINI_PIPELINE_DIR / part).glob("*.safetensors")):
+                digest.update(f.read_bytes())
+        return f"mini-{digest.hexdigest()[:16]}"
     return f"{model_source(model)}@{model.revision or 'main'}"
 
 
@@ -69,6 +81,8 @@ def load_pipeline(model: ModelConfig, runtime: Runtime):
         from klein_sweep.tiny_model import build_tiny_pipeline
 
         pipe = build_tiny_pipeline(model.seed)
+    elif model.kind == "mini":
+        pipe = _load_mini(runtime)
     else:
         pipe = _load_pretrained(model, runtime)
     pipe.register_to_config(is_distilled=model.is_distilled)
@@ -79,6 +93,15 @@ def load_pipeline(model: ModelConfig, runtime: Runtime):
         part.requires_grad_(False)
         part.eval()
     return pipe
+
+
+def _load_mini(runtime: Runtime):
+    """The mini Klein shipped inside the package, through the same from_pretrained path."""
+    from diffusers import Flux2KleinPipeline
+
+    if not (MINI_PIPELINE_DIR / "model_index.json").exists():
+        raise ModelError(f"the mini model is missing from {MINI_PIPELINE_DIR}; rebuild it with python -m klein_sweep.mini.build")
+    return Flux2KleinPipeline.from_pretrained(MINI_PIPELINE_DIR, torch_dtype=runtime.dtype, local_files_only=True)
 
 
 def _load_pretrained(model: ModelConfig, runtime: Runtime):

@@ -269,14 +269,14 @@ class TrialRecorder:
         self.trial.set_user_attr(ATTR_BASE, self.base)
 
     def on_checkpoint(self, event, model) -> tuple[dict, bool]:
-        from klein_sweep.lora import lora_weight_norm, save_lora
+        from klein_sweep.lora import save_lora
 
         t = self.settings.train
         row = {
             "step": event.step,
             "repeats": round(event.step * t.batch_size * t.grad_accum / self.n_images, 6),
             "loss": event.loss,
-            "lora_norm": lora_weight_norm(model),
+            "lora_norm": event.lora_norm,
             "lr": event.lr,
         }
         metrics = {}

@@ -24,6 +24,7 @@ class CheckpointEvent:
     step: int
     loss: float  # mean training loss since the previous checkpoint
     lr: float
+    lora_norm: float | None = None  # filled in by the trial before evaluation
 
 
 @dataclass

@@ -121,7 +121,7 @@ def run_training(
     checkpoint_log: list[dict] = []
 
     def on_checkpoint(event, model) -> bool:
-        norm = lora_weight_norm(model)
+        norm = event.lora_norm = lora_weight_norm(model)
         metrics = {"train/loss_window": event.loss, "train/lora_norm": norm}
         stop = False
         if evaluate is not None:

@@ -18,7 +18,7 @@ DEBUG_SIZE = {
     "search": ["sweep.n_trials=2", "sweep.params.train.steps.low=2", "sweep.params.train.steps.high=4",
                "sweep.params.train.steps.step=2", "train.checkpoint_every=2"],
 }
-COMMON = ["model=tiny", "eval.seeds=[0,1]", "eval.trigger_prompts=['photo of [trigger]']", "eval.prior_prompts=['photo of a creature']"]
+COMMON = ["model=tiny", "data=tiny_character", "eval.seeds=[0,1]", "eval.trigger_prompts=['photo of [trigger]']", "eval.prior_prompts=['photo of a creature']"]
 
 
 def sweep_args(name: str, tmp: Path, *extra: str) -> list[str]:

@@ -11,7 +11,7 @@ from conftest import run_cli
 
 
 def test_one_trial_end_to_end(tmp_path):
-    proc = run_cli("train.steps=12", "train.checkpoint_every=5", cwd=tmp_path)
+    proc = run_cli("model=tiny", "data=tiny_character", "train.steps=12", "train.checkpoint_every=5", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "LoRA: " in proc.stdout and "MLflow run" in proc.stdout
 
@@ -33,13 +33,13 @@ def test_one_trial_end_to_end(tmp_path):
     assert local_lora.exists()
 
     # a second run over the same data encodes nothing
-    again = run_cli("train.steps=2", "tracking=none", cwd=tmp_path)
+    again = run_cli("model=tiny", "data=tiny_character", "train.steps=2", "tracking=none", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "encodings: 12 from cache, 0 encoded" in again.stderr + again.stdout
 
 
 def test_repeats_set_steps(tmp_path):
-    proc = run_cli("train.repeats=3", "train.grad_accum=2", "tracking=none", cwd=tmp_path)
+    proc = run_cli("model=tiny", "data=tiny_character", "train.repeats=3", "train.grad_accum=2", "tracking=none", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "8 images, 12 steps, 3.0 repeats per image (batch 1 x grad_accum 2)" in proc.stderr + proc.stdout
 

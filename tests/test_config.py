@@ -27,7 +27,8 @@ def compose_settings(*overrides: str):
 
 def test_default_config_builds():
     _, s = compose_settings()
-    assert s.model.kind == "tiny" and s.train.lr == 1e-4 and s.train.alpha == s.train.rank
+    assert s.model.kind == "mini" and s.data.path.endswith("mini_character")
+    assert s.train.lr == 1e-4 and s.train.alpha == s.train.rank
 
 
 @pytest.mark.parametrize("group,option", GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
