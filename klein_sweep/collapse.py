@@ -90,7 +90,8 @@ def collapse_reason(row: dict, base: dict, th: Thresholds, best_id, best_kid, be
     if best_kid is not None and _finite(row.get("kid")) and row["kid"] > th.kid_factor * max(best_kid, th.kid_floor):
         return f"KID {row['kid']:.4f} > {th.kid_factor} x best {best_kid:.4f}"
     if best_prior is not None and _finite(row.get("prior_kid")):
-        limit = th.prior_kid_factor * max(best_prior, th.prior_kid_floor)
+        floor = max(th.prior_kid_floor, base.get("prior_kid_noise") or 0.0)
+        limit = th.prior_kid_factor * max(best_prior, floor)
         if row["prior_kid"] > limit:
             return f"prior KID {row['prior_kid']:.4f} > {limit:.4f}: the base model's prior is lost"
     if _finite(row.get("leak")) and _finite(base.get("leak")) and row["leak"] - base["leak"] > th.leak_margin:

@@ -217,7 +217,7 @@ class EvalConfig:
     """CFG scale; null = the model's recipe (model.guidance_scale)."""
     resolution: Optional[int] = None
     """Sample resolution; null = data.resolution."""
-    batch_size: int = 16
+    batch_size: int = 64
     """Images generated per pipeline call."""
     feature_network: str = "auto"
     """Feature network for KID/FID/IS and identity: `mini` (trained on the mini world: attribute
@@ -230,9 +230,11 @@ class EvalConfig:
     kid_factor: float = 3.0
     """Collapsed when KID to the reference images rises past this factor of the trial's best."""
     prior_kid_factor: float = 3.0
-    """Collapsed when prior-preservation KID rises past this factor of max(best, prior_kid_floor)."""
+    """Collapsed when prior-preservation KID rises past this factor of max(best, floor)."""
     prior_kid_floor: float = 0.02
-    """Floor under the best prior KID: early checkpoints sit at ~0, and a factor of ~0 is noise."""
+    """Least floor under the best prior KID (early checkpoints sit at ~0, and a factor of ~0 is
+    noise). The floor used is the larger of this and the KID noise measured on the base model
+    (its prior samples against the same prompts with other seeds, |mean| + 3 std)."""
     leak_margin: float = 0.15
     """Collapsed when no-trigger samples are this much (cosine) more similar to the identity than
     the base model's no-trigger samples are: the character bleeds into every prompt."""

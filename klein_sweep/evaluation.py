@@ -48,6 +48,7 @@ class BaseReference:
     id_sim: float
     leak: float
     degenerate: float  # fraction of base samples that are flat, noise or non-finite
+    prior_kid_noise: float  # KID of the base against itself with other seeds: the noise floor
 
 
 class CheckpointEvaluator:
@@ -80,12 +81,16 @@ class CheckpointEvaluator:
         trig, prior = self._sample(self.trigger), self._sample(self.prior)
         e = self.settings.eval
         sanity = M.image_sanity(torch.cat([trig, prior]), e.flat_std, e.noise_level)
+        # The same prompts with other seeds: how far KID moves when nothing but the noise changes.
+        other_seeds = PromptSet(self.prior.embeds, [s + 1000 for s in self.prior.seeds])
+        noise_mean, noise_std = M.kid(self.net, prior, self._sample(other_seeds), e.kid_subset_size)
         self.base = BaseReference(
             trigger_images=trig,
             prior_images=prior,
             id_sim=M.identity_similarity(self.net, trig, self.reference),
             leak=M.identity_similarity(self.net, prior, self.reference),
             degenerate=sum(sanity.values()),
+            prior_kid_noise=abs(noise_mean) + 3 * noise_std,
         )
         return self.base
 

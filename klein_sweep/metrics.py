@@ -104,10 +104,11 @@ class _Embedder(torch.nn.Module):
 
 
 def kid(net: FeatureNetwork, real: torch.Tensor, fake: torch.Tensor, subset_size: int | None = None, subsets: int = 50) -> tuple[float, float]:
-    """Kernel Inception Distance (mean, std over random subsets); subset size fit to the sets."""
+    """Kernel Inception Distance (mean, std over random subsets). The default subset size is half
+    the smaller set: every subset differs, so the std says how noisy the mean is."""
     from torchmetrics.image.kid import KernelInceptionDistance
 
-    size = subset_size or min(len(real), len(fake))
+    size = subset_size or min(len(real), len(fake)) // 2
     size = max(2, min(size, len(real), len(fake)))
     metric = KernelInceptionDistance(feature=_Embedder(net), subsets=subsets, subset_size=size, normalize=True)
     torch.manual_seed(0)  # subset draws: the same for every checkpoint

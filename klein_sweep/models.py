@@ -101,7 +101,7 @@ def _load_mini(runtime: Runtime):
 
     if not (MINI_PIPELINE_DIR / "model_index.json").exists():
         raise ModelError(f"the mini model is missing from {MINI_PIPELINE_DIR}; rebuild it with python -m klein_sweep.mini.build")
-    return Flux2KleinPipeline.from_pretrained(MINI_PIPELINE_DIR, torch_dtype=runtime.dtype, local_files_only=True)
+    return Flux2KleinPipeline.from_pretrained(MINI_PIPELINE_DIR, dtype=runtime.dtype, local_files_only=True)
 
 
 def _load_pretrained(model: ModelConfig, runtime: Runtime):
@@ -112,7 +112,7 @@ def _load_pretrained(model: ModelConfig, runtime: Runtime):
     token = os.environ.get("HF_TOKEN") or None
     try:
         return Flux2KleinPipeline.from_pretrained(
-            source, revision=model.revision, torch_dtype=runtime.dtype, token=token
+            source, revision=model.revision, dtype=runtime.dtype, token=token
         )
     except (OSError, ValueError) as exc:
         local = os.path.isdir(source)

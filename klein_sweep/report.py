@@ -264,6 +264,7 @@ def plot_heatmaps(path: Path, results, axis, columns, labels, cells, fit, best) 
             if isinstance(v, (int, float)) and math.isfinite(v):
                 grid[labels.index(label), columns.index(c)] = v
         cmap = "viridis" if metric == "id_sim" else "viridis_r"
+        ax.set_facecolor("#b0b0b0")  # cells known collapsed but not evaluated (training stopped)
         ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, aspect="auto")
         for (label, c), r in cells.items():
             i, j = labels.index(label), columns.index(c)
@@ -283,7 +284,8 @@ def plot_heatmaps(path: Path, results, axis, columns, labels, cells, fit, best) 
         ax.set_yticks(range(len(labels)), labels if ax is axes[0][0] else [""] * len(labels))
         ax.set_xlabel(axis)
         ax.set_title(title, fontsize=10)
-    fig.suptitle(f"{results.name}: G good, U underfit, O overfit, X collapsed; red = boundary, gold = best, dashed = fit", fontsize=10)
+    fig.suptitle(f"{results.name}: G good, U underfit, O overfit, X collapsed; yellow = better; red = boundary, "
+                 f"gold = best, dashed = fit; grey = not evaluated (training stopped at the collapse)", fontsize=10)
     fig.tight_layout()
     with _temporary_beside(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")

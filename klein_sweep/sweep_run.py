@@ -262,7 +262,12 @@ class TrialRecorder:
         self.th = collapse.Thresholds.from_eval(settings.eval)
         self.objective = plan.sweep.objective.split("/", 1)[1]
         self.base = (
-            {"id_sim": evaluator.base.id_sim, "leak": evaluator.base.leak, "degenerate": evaluator.base.degenerate}
+            {
+                "id_sim": evaluator.base.id_sim,
+                "leak": evaluator.base.leak,
+                "degenerate": evaluator.base.degenerate,
+                "prior_kid_noise": evaluator.base.prior_kid_noise,
+            }
             if evaluator
             else {}
         )

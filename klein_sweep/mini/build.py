@@ -175,7 +175,7 @@ def build_pipeline(seed: int = 0) -> dict:
 
 MINI_TEXT_LAYERS = (1, 2, 3)
 MINI_MAX_SEQUENCE_LENGTH = 40
-MINI_SAMPLE_STEPS = 20
+MINI_SAMPLE_STEPS = 12
 MINI_GUIDANCE = 4.0
 
 
