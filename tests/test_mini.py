@@ -127,7 +127,6 @@ def train_and_evaluate(tmp_path, lr: float, steps: int, every: int):
     return classify(rows, base_row, Thresholds.from_eval(settings.eval)), base_row
 
 
-@pytest.mark.slow
 def test_short_lora_at_a_sane_lr_raises_identity_over_the_base(tmp_path):
     rows, base = train_and_evaluate(tmp_path, lr=1e-3, steps=300, every=300)
     assert rows[-1]["state"] != "collapsed", rows[-1]
@@ -135,7 +134,6 @@ def test_short_lora_at_a_sane_lr_raises_identity_over_the_base(tmp_path):
     assert rows[-1]["id_sim"] > base["id_sim"] + 0.1, (rows[-1]["id_sim"], base["id_sim"])
 
 
-@pytest.mark.slow
 def test_absurd_lr_is_flagged_collapsed(tmp_path):
     rows, base = train_and_evaluate(tmp_path, lr=1e-2, steps=300, every=100)
     assert any(r["state"] == "collapsed" for r in rows), [(r["step"], r.get("reason")) for r in rows]
