@@ -66,10 +66,11 @@ def model_cache_id(model: ModelConfig) -> str:
 
         return f"tiny-v{TINY_VERSION}-seed{model.seed}"
     if model.kind == "mini":
-        # The shipped weights can be rebuilt: key on their content, not a name.
+        # The shipped weights can be rebuilt: key on the content of what encodes (the
+        # transformer does not), not on a name.
         digest = hashlib.sha256()
-        for part in ("vae", "text_encoder"):
-            for f in sorted((MINI_PIPELINE_DIR / part).glob("*.safetensors")):
+        for part, pattern in (("vae", "*.safetensors"), ("text_encoder", "*.safetensors"), ("tokenizer", "*")):
+            for f in sorted((MINI_PIPELINE_DIR / part).glob(pattern)):
                 digest.update(f.read_bytes())
         return f"mini-{digest.hexdigest()[:16]}"
     return f"{model_source(model)}@{model.revision or 'main'}"

@@ -88,8 +88,9 @@ def axis_of(results: SweepResults) -> tuple[str, list]:
         return "repeats", list(meta.get("repeats_values") or [])
     if meta.get("step_values"):
         return "steps", list(meta["step_values"])
-    values = sorted({t.steps for t in results.trials if t.steps} | ({r["step"] for t in results.trials for r in t.rows} if not any(t.steps for t in results.trials) else set()))
-    return "steps", values
+    # Steps trained separately (a schedule that depends on the total, or a searched step count):
+    # each trial is one column, its own step count.
+    return "steps", sorted({t.steps for t in results.trials if t.steps})
 
 
 def cell_row(trial: TrialResult, axis: str, value, steps_are_checkpoints: bool) -> dict | None:

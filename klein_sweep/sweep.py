@@ -49,6 +49,7 @@ class SweepPlan:
     steps_are_checkpoints: bool
     output_dir: Path
     storage_url: str
+    tracking: Any  # TrackingConfig: sweep-wide, the same for every cell
     n_trainings_saved: int = 0  # trainings avoided by evaluating steps as checkpoints
     notes: list[str] = field(default_factory=list)
 
@@ -93,7 +94,9 @@ def plan_sweep(settings: Settings, resolved_cfg: dict) -> SweepPlan:
     output_dir = Path(sweep.output_dir or Path("sweeps") / sweep.name)
     storage_url = sweep.storage or f"sqlite:///{output_dir / 'study.db'}"
     n_saved = len(cells) * (len(step_values) - 1) if steps_are_checkpoints else 0
-    return SweepPlan(sweep, base_cfg, cells, step_values, steps_are_checkpoints, output_dir, storage_url, n_saved, notes)
+    return SweepPlan(
+        sweep, base_cfg, cells, step_values, steps_are_checkpoints, output_dir, storage_url, settings.tracking, n_saved, notes
+    )
 
 
 def _swept_values(params: dict, key: str, default: Any) -> list:

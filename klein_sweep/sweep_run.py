@@ -19,6 +19,7 @@ from klein_sweep.errors import KleinSweepError
 from klein_sweep.sweep import (
     ATTR_CELL,
     ATTR_FAILURE,
+    ATTR_INTERRUPTED,
     Heartbeat,
     SweepPlan,
     apply_params,
@@ -116,7 +117,7 @@ def open_parent_run(study, plan: SweepPlan):
     """The study's MLflow parent run: created by the first worker, reopened by the others."""
     from klein_sweep.tracking import MlflowTracker
 
-    tracking = apply_params(plan.base_cfg, {}, "").tracking
+    tracking = plan.tracking
     if tracking.backend == "none":
         return None
     run_id = study.user_attrs.get(STUDY_PARENT_RUN)
@@ -191,7 +192,7 @@ def _fail(study, trial, tracker, reason: str | None, interrupted: bool = False):
     if reason:
         trial.set_user_attr(ATTR_FAILURE, reason)
     if interrupted:
-        trial.set_user_attr("interrupted", True)
+        trial.set_user_attr(ATTR_INTERRUPTED, True)
     study.tell(trial, state=TrialState.FAIL)
     if tracker is not None:
         tracker.set_tags({"klein.state": "failed", "klein.failure_reason": reason or "interrupted"})

@@ -97,6 +97,11 @@ def test_two_workers_never_run_a_cell_twice(tmp_path):
     assert len(cells) == 5 and len(set(cells)) == 5
     workers_used = {t.user_attrs.get("worker") for t in study.get_trials() if t.user_attrs.get("cell")}
     assert len(workers_used) >= 1
+    from optuna.trial import TrialState
+
+    ran = [t for t in study.get_trials() if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(ran) == 5 and all(t.user_attrs.get("worker") and t.user_attrs.get("checkpoints") for t in ran)
+    assert not [t for t in study.get_trials() if t.user_attrs.get("duplicate_of") is not None and "checkpoints" in t.user_attrs]
 
 
 def test_report_rebuilds_from_storage_alone(tmp_path):
