@@ -30,6 +30,10 @@ def main(cfg: DictConfig) -> None:
         resolved = OmegaConf.to_container(cfg, resolve=True)
         output_dir = hydra.core.hydra_config.HydraConfig.get().runtime.output_dir
         settings = build_settings(resolved, output_dir=output_dir)
+        if settings.tracking.backend == "mlflow":
+            from klein_sweep.tracking import check_reachable
+
+            check_reachable(settings.tracking.uri)  # before anything is written anywhere
         if settings.sweep is not None:
             run_sweep_command(settings, resolved)
         else:
@@ -89,6 +93,11 @@ def run_sweep_command(settings: Settings, resolved: dict) -> None:
         log.info(note)
     log.info("study %s in %s", plan.study_name, redact(plan.storage_url))
     summary = run_sweep(plan)
+    if settings.sweep.role == "prepare":
+        print(f"sweep {plan.study_name} prepared in {redact(plan.storage_url)}: {len(plan.cells) or settings.sweep.n_trials} "
+              f"{'cells' if plan.cells else 'trials'}" + (f", MLflow parent run {summary.parent_run_id}" if summary.parent_run_id else ""))
+        print("start workers with the same command and sweep.role=work (as many as you have GPUs or machines)")
+        return
     print(f"sweep {plan.study_name}: this worker ran {len(summary.ran)} trials, {len(summary.failed)} failed")
     print(f"report: {summary.report_dir / 'report.md'} and {summary.report_dir / 'heatmaps.png'}")
     if summary.parent_run_id:

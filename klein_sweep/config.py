@@ -291,6 +291,7 @@ class TrackingConfig:
 
 
 SAMPLERS = ("grid", "tpe", "random")
+SWEEP_ROLES = ("run", "prepare", "work")
 PARAM_TYPES = ("categorical", "float", "int")
 STEP_AXES = ("steps", "repeats")
 OBJECTIVES = ("eval/id_sim", "eval/kid", "eval/prior_kid", "eval/fid", "eval/is", "eval/leak")
@@ -345,6 +346,12 @@ class SweepConfig:
     heartbeat_seconds: int = 30
     """A running trial records a heartbeat this often; one silent for 4x this is taken as dead
     and re-run."""
+    role: str = "run"
+    """run: prepare, work, write the report (one process, or several on one machine) |
+    prepare: create the study, queue the grid, create the MLflow experiment and parent run, exit |
+    work: take trials from a prepared study (the many-workers recipe: prepare once, then N work)."""
+    worker: Optional[int] = None
+    """A label only: lets a launcher array start N identical workers (hydra -m sweep.worker=0,1,2)."""
 
     def __post_init__(self):
         if not self.name:
@@ -374,6 +381,7 @@ class SweepConfig:
             if "train.steps" in self.params:
                 raise ConfigError("sweep.params.train.steps", "...", "not swept with step_axis=repeats (repeats set the steps)")
         _int_range("sweep.heartbeat_seconds", self.heartbeat_seconds, 1, 3600)
+        _choice("sweep.role", self.role, SWEEP_ROLES)
 
 
 def _flatten_specs(params: dict, prefix: str = "") -> dict:

@@ -90,6 +90,8 @@ def plan_sweep(settings: Settings, resolved_cfg: dict) -> SweepPlan:
     # Every cell must make valid settings: fail now, not after hours of other cells.
     for cell in cells or [{}]:
         cell_settings = apply_params(base_cfg, cell, output_dir="")
+    for steps in step_values:  # checkpoint steps are not in the cells: check them on their own
+        apply_params(base_cfg, {"train.steps": steps}, output_dir="")
     load_examples(cell_settings.data)
     output_dir = Path(sweep.output_dir or Path("sweeps") / sweep.name)
     storage_url = sweep.storage or f"sqlite:///{output_dir / 'study.db'}"
@@ -131,7 +133,7 @@ def cell_key(params: dict) -> str:
 # --- the study -----------------------------------------------------------------------------
 
 
-def open_study(plan: SweepPlan):
+def open_study(plan: SweepPlan, create: bool = True):
     import warnings
 
     import optuna
@@ -144,12 +146,23 @@ def open_study(plan: SweepPlan):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sweep = plan.sweep
     if plan.storage_url.startswith("sqlite:///"):
-        Path(plan.storage_url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        db = Path(plan.storage_url[len("sqlite:///") :])
+        if not create and not db.exists():
+            raise KleinSweepError(f"sweep.role=work: no study file {db}; run once with sweep.role=prepare (same overrides) first")
+        db.parent.mkdir(parents=True, exist_ok=True)
     storage = _open_storage(plan)
     if sweep.sampler == "tpe":
         sampler = optuna.samplers.TPESampler(seed=sweep.seed, constant_liar=True)
     else:  # grid cells come from the queue; random also samples what a TPE search would
         sampler = optuna.samplers.RandomSampler(seed=sweep.seed)
+    if not create:
+        try:
+            return optuna.load_study(study_name=plan.study_name, storage=storage, sampler=sampler)
+        except KeyError:
+            raise KleinSweepError(
+                f"sweep.role=work: no study '{plan.study_name}' in {redact(plan.storage_url)}; "
+                "run once with sweep.role=prepare (same overrides) before starting workers"
+            ) from None
     return _retry_race(
         lambda: optuna.create_study(
             study_name=plan.study_name, storage=storage, sampler=sampler, direction=sweep.direction, load_if_exists=True
@@ -170,10 +183,16 @@ def _open_storage(plan: SweepPlan):
                 grace_period=4 * plan.sweep.heartbeat_seconds,
             )
         )
-    except Exception as exc:  # unreachable server, bad URL, missing driver
+    except ImportError as exc:  # the URL names a database whose driver is not installed
         raise KleinSweepError(
-            f"sweep.storage: cannot open Optuna storage {redact(plan.storage_url)} "
-            f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]})"
+            f"sweep.storage: {redact(plan.storage_url)} needs a database driver that is not installed "
+            f"({exc.name or str(exc).splitlines()[0][:120]}); for PostgreSQL: pip install 'klein_sweep[postgres]'"
+        ) from exc
+    except Exception as exc:  # unreachable server, bad URL
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise KleinSweepError(
+            f"sweep.storage: cannot open Optuna storage {redact(plan.storage_url)} ({exc.__class__.__name__}: {first}); "
+            "valid: sqlite:///path/study.db, or postgresql://user:password@host:port/database of a running server"
         ) from exc
 
 
@@ -188,8 +207,11 @@ def _retry_race(make, attempts: int = 8):
     for attempt in range(attempts):
         try:
             return make()
-        except (IntegrityError, OperationalError):
-            if attempt == attempts - 1:
+        except (IntegrityError, OperationalError) as exc:
+            # A lost race shows as an integrity error, or in sqlite as "database is locked";
+            # any other operational error (connection refused, bad password) will not heal.
+            lost_race = isinstance(exc, IntegrityError) or "locked" in str(exc) or "already exists" in str(exc)
+            if attempt == attempts - 1 or not lost_race:
                 raise
             time.sleep(0.2 + random.random() * 0.5 * (attempt + 1))
 
@@ -276,30 +298,63 @@ def next_trial(study, plan: SweepPlan):
 
     while True:
         if plan.sweep.sampler == "grid":
-            if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)) and not wait_for_stale_cells(study, plan):
                 return None
-        else:
-            done = [
-                t for t in study.get_trials(deepcopy=False)
-                if t.state != TrialState.FAIL or ATTR_FAILURE in t.user_attrs
-            ]
-            if len(done) >= plan.sweep.n_trials:
-                return None
+        elif _counted_trials(study) >= plan.sweep.n_trials:
+            return None
         trial = study.ask()
         trial.set_user_attr(ATTR_WORKER, this_worker())
         if plan.sweep.sampler != "grid":
+            # Workers that asked together may overshoot n_trials: the later numbers stand down.
+            if _counted_trials(study, before=trial.number) >= plan.sweep.n_trials:
+                trial.set_user_attr(ATTR_SURPLUS, True)
+                study.tell(trial, state=TrialState.FAIL)
+                return None
             return trial
         fixed = study._storage.get_trial(trial._trial_id).system_attrs.get("fixed_params")
         if fixed is None:  # another worker took the last queued cell between our check and ask
             trial.set_user_attr(ATTR_SURPLUS, True)
             study.tell(trial, state=TrialState.FAIL)
-            return None
+            continue  # a stale cell may have been queued again meanwhile; the loop checks
         owner = _earlier_holder(study, trial.number, fixed)
         if owner is None:
             trial.set_user_attr(ATTR_CELL, fixed)
             return trial
         trial.set_user_attr(ATTR_DUPLICATE, owner)
         study.tell(trial, state=TrialState.FAIL)
+
+
+def _counted_trials(study, before: int | None = None) -> int:
+    """Trials that count towards n_trials: all but those failed for no fault of their own
+    (interrupted, duplicate, surplus), which are replaced."""
+    from optuna.trial import TrialState
+
+    return sum(
+        1 for t in study.get_trials(deepcopy=False)
+        if (before is None or t.number < before) and (t.state != TrialState.FAIL or ATTR_FAILURE in t.user_attrs)
+    )
+
+
+def wait_for_stale_cells(study, plan: SweepPlan) -> bool:
+    """Nothing is queued. Before leaving, an idle worker watches the trials still running for
+    one grace period: a worker that died (on any machine) stops its heartbeat, its trial is
+    failed here and its cell queued again, and this worker runs it. Returns True when a cell
+    was queued; False when the running trials stayed alive (their workers finish them) or none
+    is left."""
+    import time
+
+    from optuna.trial import TrialState
+
+    interval = plan.sweep.heartbeat_seconds
+    deadline = time.monotonic() + 4 * interval + interval  # the storage's grace period + one beat
+    while True:
+        if recover_interrupted(study) and sync_grid_queue(study, plan.cells):
+            return True
+        if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            return True
+        if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) or time.monotonic() > deadline:
+            return False
+        time.sleep(min(interval, max(0.0, deadline - time.monotonic())) or 0.1)
 
 
 def _earlier_holder(study, number: int, cell: dict) -> int | None:

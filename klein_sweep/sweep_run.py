@@ -7,9 +7,11 @@ recorded with its reason and the worker goes on.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,9 +25,11 @@ from klein_sweep.sweep import (
     Heartbeat,
     SweepPlan,
     apply_params,
+    cell_key,
     next_trial,
     open_study,
     recover_interrupted,
+    redact,
     sync_grid_queue,
 )
 
@@ -41,6 +45,7 @@ ATTR_STEPS = "steps"
 ATTR_TRAIN_SECONDS = "train_seconds"
 ATTR_EVAL_SECONDS = "eval_seconds"
 STUDY_PARENT_RUN = "mlflow_parent_run_id"
+ATTR_META = "meta"
 
 
 @dataclass
@@ -77,21 +82,13 @@ class SharedModel:
 
 
 def run_sweep(plan: SweepPlan, progress: bool = True) -> SweepSummary:
-    study = open_study(plan)
-    recovered = recover_interrupted(study)
-    if recovered:
-        log.info("trials %s were interrupted; their cells run again", recovered)
-    if plan.sweep.sampler == "grid":
-        queued = sync_grid_queue(study, plan.cells)
-        log.info("grid: %d cells, %d queued now", len(plan.cells), queued)
-    study.set_user_attr("meta", {
-        "objective": plan.sweep.objective, "direction": plan.sweep.direction, "step_axis": plan.sweep.step_axis,
-        "step_values": plan.step_values, "repeats_values": plan.sweep.repeats_values,
-        "steps_are_checkpoints": plan.steps_are_checkpoints, "notes": plan.notes, "n_cells": len(plan.cells),
-        "trainings_saved": plan.n_trainings_saved,
-    })
-    parent = open_parent_run(study, plan)
+    """sweep.role run: prepare + work + report; prepare: only the first; work: the last two on
+    a prepared study."""
+    role = plan.sweep.role
+    study, parent = join_study(plan) if role == "work" else prepare_study(plan)
     summary = SweepSummary(parent_run_id=getattr(parent, "run_id", None))
+    if role == "prepare":
+        return summary
     shared = SharedModel()
     while (trial := next_trial(study, plan)) is not None:
         ok = run_sweep_trial(study, trial, plan, shared, parent, progress)
@@ -111,6 +108,82 @@ def run_sweep(plan: SweepPlan, progress: bool = True) -> SweepSummary:
         else:
             parent.flush()
     return summary
+
+
+def prepare_study(plan: SweepPlan):
+    """Create or reopen the study, queue the grid cells no trial holds (again those of dead
+    workers), record the plan, create the MLflow experiment and parent run. Idempotent."""
+    study = open_study(plan)
+    recovered = recover_interrupted(study)
+    if recovered:
+        log.info("trials %s were interrupted; their cells run again", recovered)
+    if plan.sweep.sampler == "grid":
+        queued = sync_grid_queue(study, plan.cells)
+        log.info("grid: %d cells, %d queued now", len(plan.cells), queued)
+    prepared = study.user_attrs.get(ATTR_META)
+    if prepared and prepared.get("plan_hash") != plan_hash(plan):
+        raise KleinSweepError(
+            f"sweep {plan.study_name}: the study in {redact(plan.storage_url)} was prepared with other settings "
+            "(search space, steps or base config differ); use another sweep.name or sweep.storage, or the same settings"
+        )
+    study.set_user_attr(ATTR_META, {
+        "objective": plan.sweep.objective, "direction": plan.sweep.direction, "step_axis": plan.sweep.step_axis,
+        "step_values": plan.step_values, "repeats_values": plan.sweep.repeats_values,
+        "steps_are_checkpoints": plan.steps_are_checkpoints, "notes": plan.notes, "n_cells": len(plan.cells),
+        "trainings_saved": plan.n_trainings_saved, "plan_hash": plan_hash(plan),
+    })
+    return study, open_parent_run(study, plan)
+
+
+def join_study(plan: SweepPlan):
+    """sweep.role=work: a study prepared before the workers started (so no two workers race to
+    create it, its queue or its MLflow parent run)."""
+    study = open_study(plan, create=False)
+    meta = study.user_attrs.get(ATTR_META)
+    if meta is None:
+        raise KleinSweepError(
+            f"sweep.role=work: study '{plan.study_name}' in {redact(plan.storage_url)} was created but never prepared; "
+            "run once with sweep.role=prepare"
+        )
+    if meta.get("plan_hash") != plan_hash(plan):
+        raise KleinSweepError(
+            f"sweep.role=work: this worker's settings differ from those the study '{plan.study_name}' was prepared with "
+            "(search space, steps or base config); start every worker with the prepare command's overrides"
+        )
+    recovered = recover_interrupted(study)
+    if plan.sweep.sampler == "grid" and recovered:
+        sync_grid_queue(study, plan.cells)
+    parent = None
+    if plan.tracking.backend != "none":
+        from klein_sweep.tracking import MlflowTracker
+
+        run_id = study.user_attrs.get(STUDY_PARENT_RUN)
+        if not run_id:
+            raise KleinSweepError(
+                f"sweep.role=work: study '{plan.study_name}' was prepared with tracking=none; prepare it again with tracking"
+            )
+        parent = MlflowTracker.attach(plan.tracking.uri, run_id)
+    return study, parent
+
+
+# Paths that may differ between the machines of one study (mount points), not its settings.
+MACHINE_LOCAL_KEYS = (("data", "path"), ("data", "cache_dir"), ("model", "path"))
+
+
+def plan_hash(plan: SweepPlan) -> str:
+    """What every worker of a study must agree on: cells, steps and the base config (output
+    folders excluded: they may differ between machines)."""
+    import hashlib
+    import json
+
+    base = copy.deepcopy(plan.base_cfg)
+    for section, key in MACHINE_LOCAL_KEYS:
+        base.get(section, {}).pop(key, None)
+    blob = json.dumps(
+        {"cells": [cell_key(c) for c in plan.cells], "steps": plan.step_values, "params": _sweep_params(plan), "base": base},
+        sort_keys=True, default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def open_parent_run(study, plan: SweepPlan):
@@ -140,8 +213,9 @@ def _sweep_params(plan: SweepPlan) -> dict:
 
 def run_sweep_trial(study, trial, plan: SweepPlan, shared: SharedModel, parent, progress: bool) -> bool:
     """One Optuna trial, start to tell. Returns False when it failed (recorded, not raised)."""
-    import torch
     from optuna.trial import TrialState
+
+    from klein_sweep.tracking import TrackingError
 
     tracker = None
     transformer = None
@@ -164,26 +238,54 @@ def run_sweep_trial(study, trial, plan: SweepPlan, shared: SharedModel, parent, 
             state, value = record.finish(outcome, plan_t.steps)
             trial.set_user_attr(ATTR_TRAIN_SECONDS, round(train_seconds, 3))
             trial.set_user_attr(ATTR_EVAL_SECONDS, round(record.eval_seconds, 3))
+        # MLflow first: a trial counts as done in the study only once its run is complete.
+        tracker.finish("FINISHED")
         if value is None:
             study.tell(trial, state=TrialState.PRUNED)
         else:
             study.tell(trial, value)
-        tracker.finish("FINISHED")
         log.info("trial %d %s: %s", trial.number, params, state)
         return True
     except KeyboardInterrupt:
         _fail(study, trial, tracker, None, interrupted=True)
         raise
+    except TrackingError as exc:
+        # Not the cell's fault: the trial is marked interrupted (its cell runs again on the next
+        # start) and this worker stops rather than fail every remaining cell the same way.
+        _fail(study, trial, None, None, interrupted=True)
+        raise TrackingError(f"{exc}; trial {trial.number} is marked interrupted and its cell runs again when the sweep restarts") from exc
     except Exception as exc:
         reason = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500]
-        if isinstance(exc, torch.cuda.OutOfMemoryError):
-            torch.cuda.empty_cache()
-        log.warning("trial %d failed: %s", trial.number, reason, exc_info=not isinstance(exc, KleinSweepError))
+        if is_out_of_memory(exc):
+            reason = f"out of memory ({reason}); lower train.rank, data.resolution or train.batch_size, or enable memory savers"
+        # The traceback as text, not exc_info: a log record that keeps the exception keeps every
+        # frame of the failed trial alive (optimizer state, activations: the memory to release).
+        detail = "" if isinstance(exc, KleinSweepError) else "\n" + traceback.format_exc()
+        log.warning("trial %d failed: %s%s", trial.number, reason, detail)
         _fail(study, trial, tracker, reason)
         return False
     finally:
         if transformer is not None and getattr(transformer, "_hf_peft_config_loaded", False):
             transformer.unload_lora()
+        release_memory()
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))
+
+
+def release_memory() -> None:
+    """After a trial (above all a failed one, whose optimizer state and activations the
+    traceback kept alive until now): collect, and hand cached CUDA blocks back."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _fail(study, trial, tracker, reason: str | None, interrupted: bool = False):
@@ -195,8 +297,13 @@ def _fail(study, trial, tracker, reason: str | None, interrupted: bool = False):
         trial.set_user_attr(ATTR_INTERRUPTED, True)
     study.tell(trial, state=TrialState.FAIL)
     if tracker is not None:
-        tracker.set_tags({"klein.state": "failed", "klein.failure_reason": reason or "interrupted"})
-        tracker.finish("KILLED" if interrupted else "FAILED")
+        from klein_sweep.tracking import TrackingError
+
+        try:
+            tracker.set_tags({"klein.state": "failed", "klein.failure_reason": reason or "interrupted"})
+            tracker.finish("KILLED" if interrupted else "FAILED")
+        except TrackingError as exc:  # the study has the reason; the run stays open in MLflow
+            log.warning("could not mark the MLflow run failed: %s", exc)
 
 
 def suggest(trial, plan: SweepPlan) -> dict:

@@ -7,11 +7,44 @@ tiny model's training step.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any, Protocol
 
+from klein_sweep.errors import KleinSweepError
+
 PARENT_RUN_TAG = "mlflow.parentRunId"
+SERVER_DOC = "docs/multi_worker.md"
+
+
+class TrackingError(KleinSweepError):
+    """The tracking store failed or cannot be reached. Not the trial's fault: a sweep marks the
+    trial interrupted (its cell runs again on the next start) and stops this worker."""
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail before anything is written when an MLflow server URL does not answer. (A file or
+    sqlite store needs no check: it is created on first use.)"""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            if response.status == 200:
+                return
+            reason = f"HTTP {response.status}"
+    except urllib.error.HTTPError as exc:
+        reason = f"HTTP {exc.code}"
+    except OSError as exc:
+        reason = str(getattr(exc, "reason", exc))
+    raise TrackingError(
+        f"tracking.uri: no MLflow server answers at {uri} ({reason}). Start one "
+        f"(see {SERVER_DOC}: mlflow server --backend-store-uri postgresql://... --host 127.0.0.1 --port 5000) "
+        "or track to a local file with tracking.uri=sqlite:///mlflow.db"
+    )
 
 
 class Tracker(Protocol):
@@ -69,6 +102,11 @@ class MlflowTracker:
         self.client, self.run_id, self.experiment_id = client, run_id, experiment_id
         self._pending: list = []
 
+    @contextlib.contextmanager
+    def _guard(self, what: str):
+        with _tracking_errors(self.client.tracking_uri, what):
+            yield
+
     @classmethod
     def start(
         cls, uri: str, experiment: str, run_name: str | None = None, parent_run_id: str | None = None, tags: dict | None = None
@@ -76,11 +114,12 @@ class MlflowTracker:
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=uri)
-        experiment_id = get_or_create_experiment(client, experiment)
         run_tags = {k: str(v) for k, v in (tags or {}).items()}
         if parent_run_id:
             run_tags[PARENT_RUN_TAG] = parent_run_id
-        run = client.create_run(experiment_id, run_name=run_name, tags=run_tags)
+        with _tracking_errors(uri, "creating a run"):
+            experiment_id = get_or_create_experiment(client, experiment)
+            run = client.create_run(experiment_id, run_name=run_name, tags=run_tags)
         return cls(client, run.info.run_id, experiment_id)
 
     @classmethod
@@ -89,15 +128,17 @@ class MlflowTracker:
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=uri)
-        run = client.get_run(run_id)
+        with _tracking_errors(uri, f"opening run {run_id}"):
+            run = client.get_run(run_id)
         return cls(client, run_id, run.info.experiment_id)
 
     def log_params(self, params):
         from mlflow.entities import Param
 
         items = [Param(k, _param_value(v)) for k, v in params.items()]
-        for start in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[start : start + 100])
+        with self._guard("logging params"):
+            for start in range(0, len(items), 100):
+                self.client.log_batch(self.run_id, params=items[start : start + 100])
 
     def log_metrics(self, metrics, step):
         from mlflow.entities import Metric
@@ -108,21 +149,26 @@ class MlflowTracker:
             self.flush()
 
     def flush(self):
-        while self._pending:
-            batch, self._pending = self._pending[: self.MAX_BATCH], self._pending[self.MAX_BATCH :]
-            self.client.log_batch(self.run_id, metrics=batch)
+        with self._guard("logging metrics"):
+            while self._pending:
+                # Sent before it leaves the buffer: a failed send keeps the metrics for a retry.
+                self.client.log_batch(self.run_id, metrics=self._pending[: self.MAX_BATCH])
+                del self._pending[: self.MAX_BATCH]
 
     def set_tags(self, tags):
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        with self._guard("setting tags"):
+            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_artifact(self, local_path, artifact_path=None):
-        self.client.log_artifact(self.run_id, str(local_path), artifact_path)
+        with self._guard(f"uploading {Path(local_path).name}"):
+            self.client.log_artifact(self.run_id, str(local_path), artifact_path)
 
     def finish(self, status="FINISHED"):
         self.flush()
-        self.client.set_terminated(self.run_id, status=status)
+        with self._guard("ending the run"):
+            self.client.set_terminated(self.run_id, status=status)
 
     def describe(self) -> str:
         return f"run {self.run_id} (experiment id {self.experiment_id}) at {self.client.tracking_uri}"
@@ -140,6 +186,18 @@ def get_or_create_experiment(client, name: str) -> str:
         if existing is None:
             raise
         return existing.experiment_id
+
+
+@contextlib.contextmanager
+def _tracking_errors(uri: str, what: str):
+    """Any failure of the MLflow client (after its own HTTP retries) as one TrackingError."""
+    try:
+        yield
+    except KleinSweepError:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        raise TrackingError(f"tracking: MLflow at {uri} failed while {what}: {exc.__class__.__name__}: {first}") from exc
 
 
 def _param_value(value: Any) -> str:

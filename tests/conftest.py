@@ -42,9 +42,35 @@ def tiny_pipe():
     return pipe
 
 
-def run_cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server on 127.0.0.1 for this test session (tests/services.py).
+    Skipped where PostgreSQL is not installed, unless KLEIN_SWEEP_REQUIRE_POSTGRES=1 (CI sets
+    it, and installs the server), where its absence fails the run."""
+    from services import PostgresServer, postgres_bin
+
+    if postgres_bin() is None:
+        if os.environ.get("KLEIN_SWEEP_REQUIRE_POSTGRES") == "1":
+            pytest.fail("PostgreSQL is required (KLEIN_SWEEP_REQUIRE_POSTGRES=1) but pg_ctl was not found")
+        pytest.skip("PostgreSQL is not installed (Debian: apt-get install postgresql)")
+    server = PostgresServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(postgres, tmp_path_factory):
+    """`mlflow server` over a PostgreSQL database, as docs/multi_worker.md runs it."""
+    from services import MlflowServer
+
+    server = MlflowServer(postgres.create_database("mlflow"), tmp_path_factory.mktemp("mlflow") / "artifacts").start()
+    yield server
+    server.stop()
+
+
+def run_cli(*args: str, cwd: Path, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m klein_sweep ARGS` in `cwd`, as a user runs it."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": "0"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": "0", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "klein_sweep", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )

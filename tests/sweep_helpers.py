@@ -25,8 +25,8 @@ def sweep_args(name: str, tmp: Path, *extra: str) -> list[str]:
     return [f"+sweep={name}", *COMMON, *DEBUG_SIZE[name], f"data.cache_dir={tmp / 'cache'}", *extra]
 
 
-def run_worker(args: list[str], cwd: Path, **popen) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def run_worker(args: list[str], cwd: Path, env: dict | None = None, **popen) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "klein_sweep", *args], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
@@ -46,3 +46,17 @@ def completed_cells(study) -> list[str]:
     from klein_sweep.sweep import cell_key
 
     return sorted(cell_key(t.user_attrs["cell"]) for t in study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+
+def compose_plan(overrides: list[str]):
+    """The SweepPlan the CLI would build from these overrides, for in-process runs."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from klein_sweep.config import CONF_DIR, build_settings, register_resolvers
+    from klein_sweep.sweep import plan_sweep
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
+    return plan_sweep(build_settings(cfg), cfg)

@@ -14,7 +14,7 @@ register_resolvers()
 GROUP_OPTIONS = [
     (group.name, path.stem)
     for group in sorted(CONF_DIR.iterdir())
-    if group.is_dir() and group.name not in ("sweep", "hydra")
+    if group.is_dir() and group.name not in ("sweep", "hydra", "launcher")  # launcher: test_launcher.py
     for path in sorted(group.glob("*.yaml"))
 ]
 

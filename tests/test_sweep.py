@@ -127,34 +127,6 @@ def test_report_rebuilds_from_storage_alone(tmp_path):
     assert missing.returncode == 2 and "no study in sweeps/nope" in missing.stderr
 
 
-@pytest.mark.parametrize(
-    "override,message",
-    [
-        ("sweep.params.train.lr.values=[]", "sweep.params.train.lr.values"),
-        ("+sweep.params.train.bogus={type: categorical, values: [1]}", "train.bogus"),
-        ("+sweep.params.model.name={type: categorical, values: [a]}", "sweep.params.model.name"),
-        ("sweep.params.train.lr.values=[0,1e-4]", "train.lr"),
-        ("sweep.sampler=annealing", "sweep.sampler"),
-        ("eval=none", "eval.enabled"),
-    ],
-)
-def test_bad_sweep_input(tmp_path, override, message):
-    proc = run_cli("+sweep=lr_vs_steps", override, cwd=tmp_path)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert message in proc.stderr and "Traceback" not in proc.stderr
-    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "sweeps").exists()
-
-
-def test_search_space_low_above_high(tmp_path):
-    proc = run_cli("+sweep=search", "sweep.params.train.lr.low=1e-3", cwd=tmp_path)
-    assert proc.returncode == 2 and "sweep.params.train.lr.low" in proc.stderr
-
-
-def test_unknown_sweep_name(tmp_path):
-    proc = run_cli("+sweep=lr_vs_stepz", cwd=tmp_path)
-    assert proc.returncode != 0 and "Could not find 'sweep/lr_vs_stepz'" in proc.stderr and "lr_vs_steps" in proc.stderr
-
-
 @pytest.mark.parametrize("schedule,cells,checkpoints", [("constant", 3, True), ("constant_with_warmup", 3, True), ("cosine", 12, False), ("linear", 12, False)])
 def test_steps_are_checkpoints_only_when_the_schedule_allows(schedule, cells, checkpoints):
     from hydra import compose, initialize_config_dir

@@ -1,0 +1,105 @@
+"""The bad-input catalogue, as a user meets it on the command line: each case is one clear
+message naming the file, key or value (and what would be valid), exit code 2, no traceback,
+and nothing written: no MLflow store, no study, no sweep folder."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from PIL import Image
+
+from conftest import TINY_DATA, run_cli
+from services import free_port
+
+
+def data_folder(tmp_path, kind):
+    """A copy of the tiny dataset broken in one way; returns (folder, the message to expect)."""
+    folder = tmp_path / "imgs"
+    if kind == "missing":
+        return folder, "does not exist"
+    if kind == "empty":
+        folder.mkdir()
+        return folder, "has no images"
+    shutil.copytree(TINY_DATA, folder)
+    if kind == "corrupt":
+        (folder / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+        return folder, "b.png cannot be read"
+    if kind == "truncated":
+        (folder / "003.png").write_bytes((folder / "003.png").read_bytes()[:100])
+        return folder, "003.png cannot be read"
+    if kind == "non_image":
+        (folder / "model.safetensors").write_bytes(b"x")
+        return folder, "model.safetensors is not an image or a caption"
+    if kind == "orphan_caption":
+        (folder / "c.txt").write_text("photo of [trigger]")
+        return folder, "c.txt has no image"
+    if kind == "too_small":
+        Image.new("RGB", (20, 20)).save(folder / "small.png")
+        return folder, "small.png is 20x20, smaller than data.resolution=32"
+    raise ValueError(kind)
+
+
+def assert_refused(proc, message, tmp_path):
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert message in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+    assert not (tmp_path / "sweeps").exists()
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "corrupt", "truncated", "non_image", "orphan_caption", "too_small"])
+def test_bad_dataset(tmp_path, kind):
+    folder, message = data_folder(tmp_path, kind)
+    proc = run_cli("model=tiny", "data=tiny_character", f"data.path={folder}", "+sweep=lr_vs_steps", cwd=tmp_path)
+    assert_refused(proc, message, tmp_path)
+    assert str(folder) in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        # out of range, in a single trial
+        (["train.lr=0"], "config key 'train.lr' = 0.0 is invalid: a number in (0, 1]"),
+        (["train.lr=-0.001"], "'train.lr'"),
+        (["train.steps=0"], "config key 'train.steps' = 0 is invalid: an integer in [1, 1000000]"),
+        (["train.rank=0"], "config key 'train.rank' = 0 is invalid: an integer in [1, 1024]"),
+        (["model=flux2_klein_9b"], "distilled models are for evaluation only"),
+        # out of range, in a sweep's values
+        (["+sweep=lr_vs_steps", "sweep.params.train.lr.values=[0,1e-4]"], "train.lr"),
+        (["+sweep=rank_vs_lr", "sweep.params.train.rank.values=[4,2048]"], "train.rank"),
+        (["+sweep=lr_vs_steps", "sweep.params.train.steps.values=[0,500]"], "train.steps"),
+        # malformed search space
+        (["+sweep=lr_vs_steps", "sweep.params.train.lr.values=[]"], "sweep.params.train.lr.values"),
+        (["+sweep=search", "sweep.params.train.lr.low=1e-3"], "sweep.params.train.lr.low"),
+        (["+sweep=lr_vs_steps", "+sweep.params.train.bogus={type: categorical, values: [1]}"], "train.bogus"),
+        (["+sweep=lr_vs_steps", "+sweep.params.model.name={type: categorical, values: [a]}"], "sweep.params.model.name"),
+        (["+sweep=lr_vs_steps", "sweep.sampler=annealing"], "sweep.sampler"),
+        (["+sweep=lr_vs_steps", "sweep.role=boss"], "sweep.role"),
+        (["+sweep=lr_vs_steps", "eval=none"], "eval.enabled"),
+    ],
+)
+def test_bad_value(tmp_path, overrides, message):
+    assert_refused(run_cli("model=tiny", "data=tiny_character", *overrides, cwd=tmp_path), message, tmp_path)
+
+
+def test_unknown_sweep_name(tmp_path):
+    proc = run_cli("+sweep=lr_vs_stepz", cwd=tmp_path)
+    assert proc.returncode != 0 and "Could not find 'sweep/lr_vs_stepz'" in proc.stderr and "lr_vs_steps" in proc.stderr
+    assert not (tmp_path / "sweeps").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_unknown_model(tmp_path):
+    proc = run_cli("model=flux3_giant", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "Could not find 'model/flux3_giant'" in proc.stderr and "flux2_klein_base_9b" in proc.stderr
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("scheme", ["postgresql", "mysql"])
+def test_unreachable_or_unusable_storage_url(tmp_path, scheme):
+    url = f"{scheme}://klein:secret@127.0.0.1:{free_port()}/klein"
+    proc = run_cli("model=tiny", "data=tiny_character", "+sweep=lr_vs_steps", f"sweep.storage={url}", cwd=tmp_path)
+    expected = "cannot open Optuna storage" if scheme == "postgresql" else "needs a database driver that is not installed"
+    assert_refused(proc, f"sweep.storage: ", tmp_path)
+    assert expected in proc.stderr and "secret" not in proc.stderr  # the password is never printed
