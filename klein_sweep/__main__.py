@@ -76,8 +76,9 @@ def run_single_trial(settings: Settings, resolved_yaml: str) -> None:
     else:
         print(f"trained {outcome.steps_done} steps, final loss {outcome.final_loss:.4f}")
         print(f"LoRA: {outcome.lora_path}")
+        print(f"ComfyUI / ai-toolkit LoRA: {outcome.lora_path.with_name('klein_lora_comfyui.safetensors')}")
     if outcome.run_description:
-        print(f"MLflow {outcome.run_description}; artifacts: config.yaml, lora/{outcome.lora_path.name if outcome.lora_path else ''}")
+        print(f"MLflow {outcome.run_description}; artifacts: config.yaml, lora/ (diffusers + ComfyUI files)")
         print("browse with: mlflow ui --backend-store-uri " + settings.tracking.uri)
 
 

@@ -21,6 +21,20 @@ KNOWN_MODELS = {
     "flux2_klein_4b": "black-forest-labs/FLUX.2-klein-4B",
 }
 
+# The transformers' published shapes (Flux2Transformer2DModel config; base and distilled share
+# them). Enough to build the architecture with random or no weights: the speed benchmark and
+# the LoRA compatibility check need no download.
+KLEIN_TRANSFORMER_CONFIGS = {
+    "9b": dict(num_layers=8, num_single_layers=24, num_attention_heads=32, attention_head_dim=128, joint_attention_dim=12288),
+    "4b": dict(num_layers=5, num_single_layers=20, num_attention_heads=24, attention_head_dim=128, joint_attention_dim=7680),
+}
+_KLEIN_COMMON = dict(patch_size=1, in_channels=128, mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32), rope_theta=2000,
+                     timestep_guidance_channels=256, guidance_embeds=False)
+
+
+def klein_transformer_config(size: str) -> dict:
+    return {**_KLEIN_COMMON, **KLEIN_TRANSFORMER_CONFIGS[size]}
+
 
 @dataclass
 class Runtime:
@@ -123,3 +137,26 @@ def _load_pretrained(model: ModelConfig, runtime: Runtime):
             f"Download it once (huggingface-cli download {KNOWN_MODELS.get(model.name, source)} --local-dir DIR) "
             f"and set model.path=DIR"
         ) from exc
+
+
+def transformer_skeleton(model: ModelConfig):
+    """The model's transformer architecture without loading its weights (meta tensors for the
+    real models): what a LoRA's shapes are checked against."""
+    from diffusers import Flux2Transformer2DModel
+
+    if model.kind == "tiny":
+        from klein_sweep.tiny_model import build_tiny_pipeline
+
+        return build_tiny_pipeline(model.seed).transformer
+    if model.kind == "mini":
+        return Flux2Transformer2DModel.from_config(Flux2Transformer2DModel.load_config(MINI_PIPELINE_DIR / "transformer"))
+    from accelerate import init_empty_weights
+
+    if model.path and (Path(model.path) / "transformer" / "config.json").exists():
+        config = Flux2Transformer2DModel.load_config(Path(model.path) / "transformer")
+    elif model.name.endswith(("_9b", "_4b")) and model.name in KNOWN_MODELS:
+        config = klein_transformer_config(model.name[-2:])
+    else:
+        raise ModelError(f"no transformer config for model '{model.name}': set model.path to a folder with transformer/config.json")
+    with init_empty_weights():
+        return Flux2Transformer2DModel.from_config(config)

@@ -227,6 +227,8 @@ def run_sweep_trial(study, trial, plan: SweepPlan, shared: SharedModel, parent, 
             prepared, evaluator = shared.get(plan_t, settings)
             transformer = prepared.pipe.transformer
             tracker = open_child_run(settings, plan, trial, params, parent)
+            if tracker.run_id:
+                trial.set_user_attr(ATTR_RUN_ID, tracker.run_id)
             record = TrialRecorder(trial, plan, settings, evaluator, tracker, n_images=len(plan_t.examples))
             from klein_sweep.trial import run_training
 
@@ -412,7 +414,7 @@ class TrialRecorder:
             better = self.best_value is None or (value > self.best_value if self.plan.sweep.direction == "maximize" else value < self.best_value)
             if better:
                 self.best_value = value
-                save_lora(model, Path(self.settings.output_dir) / "lora_best")
+                save_lora(model, Path(self.settings.output_dir) / "lora_best")  # logged with its export in finish()
         # A collapsed checkpoint ends the trial: later steps are known collapsed.
         return metrics, current["state"] == "collapsed"
 
@@ -441,7 +443,10 @@ class TrialRecorder:
         self.tracker.set_tags(tags)
         best_lora = Path(self.settings.output_dir) / "lora_best" / "pytorch_lora_weights.safetensors"
         if best_lora.exists():
+            from klein_sweep.lora_export import export_comfyui
+
             self.tracker.log_artifact(best_lora, "lora/best")
+            self.tracker.log_artifact(export_comfyui(best_lora), "lora/best")
         return state, (best[self.objective] if best else None)
 
 

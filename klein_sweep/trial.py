@@ -109,7 +109,7 @@ def run_training(
     """Inject the LoRA, train with checkpoints, save the LoRA and log it to `tracker`."""
     import torch
 
-    from klein_sweep.lora import inject_lora, lora_weight_norm, save_lora
+    from klein_sweep.lora import inject_lora, lora_weight_norm
     from klein_sweep.train import train_lora
 
     s = plan.settings
@@ -148,8 +148,7 @@ def run_training(
     )
     lora_path = None
     if result.status != "diverged":
-        lora_path = save_lora(transformer, Path(s.output_dir) / "lora")
-        tracker.log_artifact(lora_path, lora_artifact_path)
+        lora_path = save_lora_files(transformer, Path(s.output_dir) / "lora", tracker, lora_artifact_path)
     final_loss = result.losses[-1] if result.losses else None
     return TrialOutcome(
         status=result.status,
@@ -160,6 +159,19 @@ def run_training(
         run_description=getattr(tracker, "describe", lambda: None)(),
         checkpoint_log=checkpoint_log,
     )
+
+
+def save_lora_files(transformer, directory: Path, tracker, artifact_path: str) -> Path:
+    """The diffusers LoRA and its ComfyUI / ai-toolkit export side by side, both logged to
+    `artifact_path`. Returns the diffusers file."""
+    from klein_sweep.lora import save_lora
+    from klein_sweep.lora_export import export_comfyui
+
+    lora_path = save_lora(transformer, directory)
+    exported = export_comfyui(lora_path)
+    tracker.log_artifact(lora_path, artifact_path)
+    tracker.log_artifact(exported, artifact_path)
+    return lora_path
 
 
 def trial_params(plan: TrialPlan, n_lora_params: int) -> dict:

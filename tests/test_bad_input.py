@@ -1,6 +1,10 @@
 """The bad-input catalogue, as a user meets it on the command line: each case is one clear
 message naming the file, key or value (and what would be valid), exit code 2, no traceback,
-and nothing written: no MLflow store, no study, no sweep folder."""
+and nothing written: no MLflow store, no study, no sweep folder.
+
+Elsewhere in the catalogue: a LoRA from another model (test_lora_compat.py), an unreachable
+MLflow server (test_tracking_faults.py), a study prepared with other settings
+(test_workers.py)."""
 
 from __future__ import annotations
 

@@ -25,7 +25,8 @@ def test_one_trial_end_to_end(tmp_path):
     assert len(client.get_metric_history(run.info.run_id, "train/lr")) == 12
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/lora_norm")] == [5, 10, 12]
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.yaml", "lora"}
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "lora")] == ["lora/pytorch_lora_weights.safetensors"]
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "lora")] == [
+        "lora/klein_lora_comfyui.safetensors", "lora/pytorch_lora_weights.safetensors"]
     local_lora = Path(proc.stdout.split("LoRA: ")[1].splitlines()[0])
     assert local_lora.exists()
 

@@ -48,9 +48,9 @@ def sample(pipe, seed=0):
     ).images
 
 
-def trained_like(pipe, rank, alpha):
+def trained_like(pipe, rank, alpha, preset="attn"):
     """Inject a LoRA and give it non-zero weights, as training would."""
-    params = inject_lora(pipe.transformer, rank=rank, alpha=alpha, preset="attn", seed=1)
+    params = inject_lora(pipe.transformer, rank=rank, alpha=alpha, preset=preset, seed=1)
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for p in params:

@@ -1,0 +1,60 @@
+"""A LoRA is checked against the model before it is loaded: a LoRA from another model is one
+message listing the keys and shapes that differ, not an error inside peft."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from test_lora import trained_like
+
+from conftest import REPO
+from klein_sweep.lora import save_lora
+from klein_sweep.lora_compat import LoraMismatchError, check_lora_fits, load_checked_lora
+from klein_sweep.lora_export import export_comfyui
+from klein_sweep.tiny_model import build_tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def tiny_lora(tmp_path_factory):
+    pipe = build_tiny_pipeline(seed=0)
+    trained_like(pipe, rank=4, alpha=4.0, preset="all_linear")
+    return save_lora(pipe.transformer, tmp_path_factory.mktemp("lora"))
+
+
+def lora_check(*args):
+    return subprocess.run([sys.executable, "-m", "klein_sweep.lora_check", *args], capture_output=True, text=True,
+                          cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+
+
+def test_a_lora_fits_its_own_model_in_both_layouts(tiny_lora):
+    transformer = build_tiny_pipeline(seed=3).transformer  # other weights, same shapes: fits
+    assert check_lora_fits(tiny_lora, transformer, "tiny")
+    assert check_lora_fits(export_comfyui(tiny_lora), transformer, "tiny")
+
+
+def test_a_lora_from_another_model_lists_its_mismatches_and_loads_nothing(tiny_lora):
+    from diffusers import Flux2KleinPipeline
+
+    from klein_sweep.models import MINI_PIPELINE_DIR
+
+    mini = Flux2KleinPipeline.from_pretrained(MINI_PIPELINE_DIR, local_files_only=True)
+    with pytest.raises(LoraMismatchError) as err:
+        load_checked_lora(mini, tiny_lora, "mini")
+    message = str(err.value)
+    assert "does not fit model mini" in message
+    assert "28 problems in 14 adapted modules" in message  # every module: A's in and B's out
+    assert "transformer_blocks.0.attn.add_k_proj.lora_A (4, 32): in_features 32, the model's layer takes 128" in message
+    assert not getattr(mini.transformer, "_hf_peft_config_loaded", False)  # nothing was loaded
+
+
+def test_the_check_command(tiny_lora):
+    ok = lora_check(str(tiny_lora), "model=tiny")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "fits tiny" in ok.stdout and "rank 4" in ok.stdout
+    for model in ("mini", "flux2_klein_base_9b"):  # the 9B is checked against its architecture, no weights
+        bad = lora_check(str(tiny_lora), f"model={model}")
+        assert bad.returncode == 2 and f"does not fit model {model}" in bad.stderr and "Traceback" not in bad.stderr
+    missing = lora_check("/nope.safetensors", "model=tiny")
+    assert missing.returncode == 2 and "/nope.safetensors does not exist" in missing.stderr
