@@ -211,6 +211,10 @@ class EvalConfig:
     """Prompts without the trigger: prior preservation (LoRA vs base samples) and concept leak."""
     seeds: list = field(default_factory=lambda: [0, 1])
     """Fixed seeds; every prompt is sampled once per seed, identically in every trial."""
+    lora_scales: list = field(default_factory=lambda: [1.0])
+    """LoRA strengths each checkpoint is evaluated at. 1.0 (as trained) decides collapse and the
+    objective; the others are logged as eval_strength_S/* and the report shows whether a collapsed
+    checkpoint is still usable at a lower strength. Each extra scale costs one more evaluation."""
     sample_steps: Optional[int] = None
     """Denoising steps; null = the model's recipe (model.sample_steps)."""
     guidance_scale: Optional[float] = None
@@ -262,6 +266,9 @@ class EvalConfig:
                 n = len(getattr(self, key)) * len(self.seeds)
                 if n < 2:
                     raise ConfigError(f"eval.{key}", getattr(self, key), f"prompts x seeds >= 2 samples (KID compares sets; got {n})")
+        if not self.lora_scales or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 2 for v in self.lora_scales):
+            raise ConfigError("eval.lora_scales", self.lora_scales, "a non-empty list of strengths in (0, 2], e.g. [0.5, 0.75, 1.0]")
+        self.lora_scales = sorted({float(v) for v in self.lora_scales} | {1.0})
         _choice("eval.feature_network", self.feature_network, FEATURE_NETWORKS)
         _int_range("eval.batch_size", self.batch_size, 1, 4096)
         if self.sample_steps is not None:

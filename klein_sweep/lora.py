@@ -11,6 +11,7 @@ hit the list, so presets resolve to explicit full names of nn.Linear modules onl
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -113,3 +114,21 @@ def lora_weight_norm(transformer: torch.nn.Module) -> float:
             delta = (b @ a) * module.scaling["default"]
             total += float(delta.pow(2).sum())
     return total**0.5
+
+
+@contextlib.contextmanager
+def lora_strength(transformer: torch.nn.Module, strength: float):
+    """Run the adapter at `strength` x its trained scale (alpha / r) inside the block: the
+    `strength` a user sets on a LoRA loader node. Restored on exit, even on error."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in transformer.modules() if isinstance(m, LoraLayer)]
+    saved = [dict(m.scaling) for m in layers]
+    try:
+        for m, scaling in zip(layers, saved):
+            for name in m.scaling:
+                m.scaling[name] = scaling[name] * strength
+        yield
+    finally:
+        for m, scaling in zip(layers, saved):
+            m.scaling.update(scaling)

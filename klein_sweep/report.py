@@ -242,12 +242,40 @@ def render_markdown(results, axis, columns, labels, cells, points, fit, best, co
         lines.append(f"| {m} | {c['rho']:+.2f} | {c['p']:.3g} | {c['n']} |")
     if not corr:
         lines.append("| (too few checkpoints) | | | |")
+    lines += strength_section(results)
     if results.failed:
         lines += ["", "## Failed trials", ""]
         lines += [f"- trial {n} ({setting_label(cell)}): {reason}" for n, cell, reason in results.failed]
     lines += ["", "States: G good, U underfit, O overfit, X collapsed (see DESIGN.md for the rules). "
               "Rebuild: `python -m klein_sweep.report " + results.name + "`", ""]
     return "\n".join(lines)
+
+
+def strength_section(results: SweepResults) -> list[str]:
+    """With eval.lora_scales: every checkpoint that collapsed at strength 1.0, and what the same
+    LoRA does at the other strengths - is it still usable weaker?"""
+    strengths = sorted({s for t in results.trials for r in t.rows for s in r.get("scales", {})}, key=float)
+    if not strengths:
+        return []
+    lines = ["", "## LoRA strength: is a collapsed checkpoint usable weaker?", "",
+             "Checkpoints that collapsed at strength 1.0, evaluated at the other strengths "
+             "(identity / state by the same collapse rules).", "",
+             "| setting | step | 1.0 | " + " | ".join(strengths) + " |", "|---|---|---|" + "---|" * len(strengths)]
+    usable = 0
+    collapsed_rows = [(t, r) for t in sorted(results.trials, key=_setting_order) for r in t.rows
+                      if r.get("state") == "collapsed" and r.get("scales")]
+    for t, r in collapsed_rows:
+        cells = []
+        for s in strengths:
+            at = r["scales"].get(s, {})
+            cells.append(f"{_fmt(at.get('id_sim'))} / {at.get('state', '-')}")
+        usable += any(r["scales"].get(s, {}).get("state") in ("good", "underfit", "overfit") for s in strengths)
+        lines.append(f"| {setting_label(t.setting)} | {r['step']} | {_fmt(r.get('id_sim'))} / collapsed | " + " | ".join(cells) + " |")
+    if not collapsed_rows:
+        lines.append("| (no checkpoint collapsed at strength 1.0) | | | " + " | ".join("" for _ in strengths) + " |")
+    else:
+        lines += ["", f"{usable} of {len(collapsed_rows)} collapsed checkpoints are not collapsed at some lower or higher strength."]
+    return lines
 
 
 def plot_heatmaps(path: Path, results, axis, columns, labels, cells, fit, best) -> None:

@@ -396,11 +396,19 @@ class TrialRecorder:
         }
         metrics = {}
         if self.evaluator is not None:
+            from klein_sweep.lora import lora_strength
+
             start = time.perf_counter()
             values, grid = self.evaluator.evaluate()
-            self.eval_seconds += time.perf_counter() - start
             row.update(values)
             metrics = {f"eval/{k}": v for k, v in values.items()}
+            for strength in self.settings.eval.lora_scales:
+                if strength != 1.0:  # the same samples at a weaker (or stronger) LoRA
+                    with lora_strength(model, strength):
+                        at_strength, _ = self.evaluator.evaluate()
+                    row.setdefault("scales", {})[f"{strength:g}"] = at_strength
+                    metrics.update({f"eval_strength_{strength:g}/{k}": v for k, v in at_strength.items() if k in SCALE_METRICS})
+            self.eval_seconds += time.perf_counter() - start
             grid_path = Path(self.settings.output_dir) / "samples" / f"step_{event.step:06d}.png"
             grid_path.parent.mkdir(parents=True, exist_ok=True)
             grid.save(grid_path)
@@ -422,6 +430,7 @@ class TrialRecorder:
         if outcome.status == "diverged":
             self.rows.append({"step": outcome.steps_done, "loss": float("nan")})
         rows = collapse.classify(self.rows, self.base, self.th)
+        classify_strengths(rows, self.base, self.th)
         best = collapse.best_checkpoint(rows, self.objective, self.plan.sweep.direction)
         collapse_step = collapse.first_collapse_step(rows)
         state = rows[-1]["state"] if rows else "failed"
@@ -450,10 +459,28 @@ class TrialRecorder:
         return state, (best[self.objective] if best else None)
 
 
+# Metrics logged per extra LoRA strength (the full row is kept in the study).
+SCALE_METRICS = ("id_sim", "kid", "prior_kid", "leak")
+
+
+def classify_strengths(rows: list[dict], base: dict, th) -> None:
+    """Each extra strength's checkpoints judged by the same collapse rules as strength 1.0, in
+    place: rows[i]["scales"][S]["state"]."""
+    strengths = sorted({s for r in rows for s in r.get("scales", {})})
+    for strength in strengths:
+        series = [{"step": r["step"], "loss": r.get("loss"), **r["scales"][strength]} for r in rows if strength in r.get("scales", {})]
+        for judged in collapse.classify(series, base, th):
+            row = next(r for r in rows if r["step"] == judged["step"])
+            row["scales"][strength]["state"] = judged["state"]
+            row["scales"][strength]["reason"] = judged.get("reason", "")
+
+
 def _jsonable(row: dict) -> dict:
     out = {}
     for k, v in row.items():
-        if isinstance(v, float) and not math.isfinite(v):
+        if isinstance(v, dict):
+            out[k] = {name: _jsonable(sub) if isinstance(sub, dict) else sub for name, sub in v.items()}
+        elif isinstance(v, float) and not math.isfinite(v):
             out[k] = str(v)  # JSON has no NaN; the report parses it back
         else:
             out[k] = v

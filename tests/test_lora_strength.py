@@ -1,0 +1,64 @@
+"""eval.lora_scales: each checkpoint also evaluated at other LoRA strengths, judged by the same
+collapse rules, shown in the report for the checkpoints that collapsed at 1.0."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sweep_helpers import COMMON, compose_plan
+from test_lora import sample, trained_like
+
+from klein_sweep.lora import lora_strength
+from klein_sweep.tiny_model import build_tiny_pipeline
+
+
+def test_strength_scales_the_adapter_and_is_restored():
+    pipe = build_tiny_pipeline(seed=0)
+    base = sample(pipe)
+    trained_like(pipe, rank=4, alpha=2.0)
+    full = sample(pipe)
+    with lora_strength(pipe.transformer, 0.0):
+        assert torch.allclose(sample(pipe), base, atol=1e-5)  # strength 0 is the base model
+    with lora_strength(pipe.transformer, 0.5):
+        half = sample(pipe)
+    assert not torch.allclose(half, full, atol=1e-4) and not torch.allclose(half, base, atol=1e-4)
+    with pytest.raises(RuntimeError), lora_strength(pipe.transformer, 0.25):
+        raise RuntimeError("evaluation failed")
+    assert torch.allclose(sample(pipe), full, atol=1e-6)  # trained scale back, even after an error
+
+
+def test_sweep_evaluates_every_checkpoint_at_each_strength(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from klein_sweep.sweep import open_study
+    from klein_sweep.sweep_run import run_sweep
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    plan = compose_plan(["+sweep=lr_vs_steps", *COMMON, "sweep.params.train.lr.values=[1e-3]",
+                         "sweep.params.train.steps.values=[2,4]", "eval.lora_scales=[0.5,1.0]",
+                         f"data.cache_dir={tmp_path / 'cache'}", f"sweep.output_dir={tmp_path / 'sweep'}", f"tracking.uri={uri}"])
+    run_sweep(plan, progress=False)
+    trial = open_study(plan, create=False).trials[0]
+    rows = trial.user_attrs["checkpoints"]
+    assert [r["step"] for r in rows] == [2, 4]
+    for r in rows:
+        assert set(r["scales"]) == {"0.5"}
+        assert r["scales"]["0.5"]["state"] in ("good", "underfit", "overfit", "collapsed")
+        assert r["scales"]["0.5"]["id_sim"] != r["id_sim"]  # other samples, not a copy
+    client = MlflowClient(uri)
+    history = client.get_metric_history(trial.user_attrs["mlflow_run_id"], "eval_strength_0.5/id_sim")
+    assert [m.step for m in history] == [2, 4]
+
+
+def test_report_shows_collapsed_checkpoints_at_other_strengths():
+    from klein_sweep.report import SweepResults, TrialResult, strength_section
+
+    rows = [
+        {"step": 500, "id_sim": 0.8, "state": "good", "scales": {"0.5": {"id_sim": 0.6, "state": "good"}}},
+        {"step": 1000, "id_sim": 0.4, "state": "collapsed", "reason": "identity dropped",
+         "scales": {"0.5": {"id_sim": 0.7, "state": "good"}}},
+    ]
+    results = SweepResults("s", {}, [TrialResult(0, {"train.lr": 4e-4}, rows, 1000, 1000, 500, "collapsed")], [])
+    text = "\n".join(strength_section(results))
+    assert "| 1000 | 0.4 / collapsed | 0.7 / good |" in text
+    assert "1 of 1 collapsed checkpoints are not collapsed at some lower or higher strength" in text
