@@ -128,6 +128,20 @@ def release_text_encoder(pipe) -> None:
         torch.cuda.empty_cache()
 
 
+def release_vae_encoder(pipe) -> None:
+    """Drop the VAE encoder once the images are cached: training reads cached latents and
+    evaluation only decodes."""
+    vae = pipe.vae
+    if getattr(vae, "encoder", None) is None:
+        return
+    vae.encoder = None
+    if getattr(vae, "quant_conv", None) is not None:
+        vae.quant_conv = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _encode_images(pipe, examples, key, cache, batch_size) -> list[torch.Tensor]:
     out: list[torch.Tensor | None] = []
     todo: list[tuple[int, str, Example]] = []
@@ -137,6 +151,8 @@ def _encode_images(pipe, examples, key, cache, batch_size) -> list[torch.Tensor]
         out.append(cached)
         if cached is None:
             todo.append((i, k, ex))
+    if todo and getattr(pipe.vae, "encoder", None) is None:
+        raise RuntimeError("images need encoding but the VAE encoder was already released")
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
         pixels = torch.stack([load_image(ex.image_path, key.resolution) for _, _, ex in chunk])

@@ -70,8 +70,9 @@ def resolve_plan(settings: Settings, extra_checkpoints: list[int] = ()) -> Trial
 
 
 def prepare_model(plan: TrialPlan, extra_prompts: list[str] = ()) -> PreparedModel:
-    """Load the pipeline and the encodings of every image and prompt, then release the text encoder."""
-    from klein_sweep.encoding import EncodingCache, EncodingKey, encode_data, release_text_encoder
+    """Load the pipeline and the encodings of every image and prompt, then release the text
+    encoder and the VAE encoder (what a 9B LoRA needs to fit a 24 GB card)."""
+    from klein_sweep.encoding import EncodingCache, EncodingKey, encode_data, release_text_encoder, release_vae_encoder
     from klein_sweep.models import load_pipeline, model_cache_id, pick_runtime
 
     s = plan.settings
@@ -95,6 +96,7 @@ def prepare_model(plan: TrialPlan, extra_prompts: list[str] = ()) -> PreparedMod
     start = time.perf_counter()
     data = encode_data(pipe, plan.examples, key, cache, extra_prompts=list(extra_prompts))
     release_text_encoder(pipe)
+    release_vae_encoder(pipe)
     return PreparedModel(pipe=pipe, data=data, runtime=runtime, encode_seconds=time.perf_counter() - start)
 
 

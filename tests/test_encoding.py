@@ -6,7 +6,7 @@ import torch
 
 from klein_sweep.config import DataConfig
 from klein_sweep.data import load_examples
-from klein_sweep.encoding import EncodingCache, EncodingKey, encode_data, release_text_encoder
+from klein_sweep.encoding import EncodingCache, EncodingKey, encode_data, release_text_encoder, release_vae_encoder
 from klein_sweep.tiny_model import TINY_MAX_SEQUENCE_LENGTH, TINY_TEXT_LAYERS
 
 
@@ -43,6 +43,8 @@ def test_second_run_encodes_nothing(tiny_pipe, tiny_data, tmp_path):
 
     calls.update(vae=0, text=0)
     release_text_encoder(tiny_pipe)  # a cache hit needs no text encoder at all
+    release_vae_encoder(tiny_pipe)  # nor a VAE encoder
+    assert tiny_pipe.text_encoder is None and tiny_pipe.vae.encoder is None
     second = encode_data(tiny_pipe, examples, key(), EncodingCache(tmp_path / "cache"), extra_prompts=["a creature"])
     assert calls == {"vae": 0, "text": 0}
     assert second.stats.misses == 0 and second.stats.hits == 13
@@ -70,3 +72,14 @@ def test_no_disk_cache_writes_nothing(tiny_pipe, tiny_data, tmp_path):
     examples = load_examples(DataConfig(path=str(tiny_data), resolution=32))
     data = encode_data(tiny_pipe, examples, key(), EncodingCache(None))
     assert data.stats.misses == 12 and not any(tmp_path.glob("**/*.safetensors"))
+
+
+def test_released_encoders_refuse_new_work_and_decoding_still_works(tiny_pipe, tiny_data, tmp_path):
+    import pytest
+
+    examples = load_examples(DataConfig(path=str(tiny_data), resolution=32))
+    release_vae_encoder(tiny_pipe)
+    with pytest.raises(RuntimeError, match="VAE encoder was already released"):
+        encode_data(tiny_pipe, examples, key(), EncodingCache(None))
+    image = tiny_pipe.vae.decode(torch.zeros(1, 4, 4, 4)).sample  # evaluation still decodes
+    assert image.shape == (1, 3, 8, 8) and torch.isfinite(image).all()
