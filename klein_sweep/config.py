@@ -33,7 +33,9 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 OPTIMIZERS = ("adamw", "adamw8bit")
 TRACKING_BACKENDS = ("mlflow", "none")
-FEATURE_NETWORKS = ("auto", "mini", "random_conv")
+FEATURE_NETWORKS = ("auto", "mini", "random_conv", "inception", "dinov2", "clip")
+IDENTITY_NETWORKS = ("auto", "same", "mini", "random_conv", "dinov2", "clip", "arcface")
+METRIC_NETWORK_PATHS = ("inception", "dinov2", "clip", "arcface")
 
 
 @dataclass
@@ -224,9 +226,20 @@ class EvalConfig:
     batch_size: int = 64
     """Images generated per pipeline call."""
     feature_network: str = "auto"
-    """Feature network for KID/FID/IS and identity: `mini` (trained on the mini world: attribute
-    heads + identity embedding), `random_conv` (a fixed random conv net: generic low-level
-    features, for the random tiny model), `auto` (mini for model=mini, random_conv for tiny)."""
+    """Feature network for KID/FID/IS: `mini` (trained on the mini world: attribute heads +
+    identity embedding), `random_conv` (a fixed random conv net: generic low-level features, for
+    the random tiny model), `inception` (FID's InceptionV3), `dinov2`, `clip`; `auto`: mini for
+    model=mini, random_conv for tiny, inception for the real models."""
+    identity_network: str = "auto"
+    """Network whose embedding cosine is identity similarity: `same` (the feature network),
+    `dinov2`, `clip`, `arcface` (faces; non-commercial weights), `mini`, `random_conv`; `auto`:
+    the feature network for mini/tiny, dinov2 for the real models."""
+    prompt_fidelity: bool = False
+    """Also log CLIP-T (eval/clip_t): CLIP cosine between prior samples and their prompts, i.e.
+    does the model still follow prompts. Needs eval.network_paths.clip."""
+    network_paths: dict = field(default_factory=lambda: {k: None for k in METRIC_NETWORK_PATHS})
+    """Local folders of the real metric networks (nothing is downloaded at run time); a missing
+    one is reported with what to download."""
     kid_subset_size: Optional[int] = None
     """KID subset size; null = fit to the sample count (min of the two set sizes)."""
     id_drop: float = 0.10
@@ -270,6 +283,10 @@ class EvalConfig:
             raise ConfigError("eval.lora_scales", self.lora_scales, "a non-empty list of strengths in (0, 2], e.g. [0.5, 0.75, 1.0]")
         self.lora_scales = sorted({float(v) for v in self.lora_scales} | {1.0})
         _choice("eval.feature_network", self.feature_network, FEATURE_NETWORKS)
+        _choice("eval.identity_network", self.identity_network, IDENTITY_NETWORKS)
+        unknown = set(self.network_paths or {}) - set(METRIC_NETWORK_PATHS)
+        if unknown:
+            raise ConfigError(f"eval.network_paths.{sorted(unknown)[0]}", "...", f"one of {', '.join(METRIC_NETWORK_PATHS)}")
         _int_range("eval.batch_size", self.batch_size, 1, 4096)
         if self.sample_steps is not None:
             _int_range("eval.sample_steps", self.sample_steps, 1, 1000)

@@ -58,9 +58,19 @@ class CheckpointEvaluator:
         self.settings = settings
         self.pipe = pipe
         self.recipe = sample_recipe(settings)
-        self.net = M.build_feature_network(settings.eval.feature_network, settings.model.kind)
+        e = settings.eval
+        kind = settings.model.kind
+        self.net = M.build_feature_network(e.feature_network, kind, e.network_paths, role="feature")
+        same = e.identity_network == "same" or (e.identity_network == "auto" and kind != "pretrained")
+        self.id_net = self.net if same else M.build_feature_network(e.identity_network, kind, e.network_paths, role="identity")
+        self.clip = None
+        if e.prompt_fidelity:
+            from klein_sweep.real_networks import ClipFeatures
+
+            self.clip = self.id_net if isinstance(self.id_net, ClipFeatures) else M.build_feature_network("clip", kind, e.network_paths)
         trigger, prior = eval_prompts(settings)
         seeds = [int(s) for s in settings.eval.seeds]
+        self.prior_prompts = [p for p in prior for _ in seeds]  # in the order the samples come
         self.trigger = self._prompt_set(encoded, trigger, seeds)
         self.prior = self._prompt_set(encoded, prior, seeds)
         self.negative = encoded.empty_prompt_embeds
@@ -87,8 +97,8 @@ class CheckpointEvaluator:
         self.base = BaseReference(
             trigger_images=trig,
             prior_images=prior,
-            id_sim=M.identity_similarity(self.net, trig, self.reference),
-            leak=M.identity_similarity(self.net, prior, self.reference),
+            id_sim=M.identity_similarity(self.id_net, trig, self.reference),
+            leak=M.identity_similarity(self.id_net, prior, self.reference),
             degenerate=sum(sanity.values()),
             prior_kid_noise=abs(noise_mean) + 3 * noise_std,
         )
@@ -106,15 +116,17 @@ class CheckpointEvaluator:
         prior_kid, _ = M.kid(self.net, self.base.prior_images, clean_prior, e.kid_subset_size)
         sanity = M.image_sanity(torch.cat([trig, prior]), e.flat_std, e.noise_level)
         row = {
-            "id_sim": M.identity_similarity(self.net, clean_trig, self.reference),
+            "id_sim": M.identity_similarity(self.id_net, clean_trig, self.reference),
             "kid": kid_mean,
             "kid_std": kid_std,
             "fid": M.fid(self.net, self.reference, clean_trig),
             "is": M.inception_score(self.net, clean_trig),
             "prior_kid": prior_kid,
-            "leak": M.identity_similarity(self.net, clean_prior, self.reference),
-            "sample_sim": M.mean_pairwise_similarity(self.net, clean_trig),
+            "leak": M.identity_similarity(self.id_net, clean_prior, self.reference),
+            "sample_sim": M.mean_pairwise_similarity(self.id_net, clean_trig),
             **sanity,
         }
+        if self.clip is not None:
+            row["clip_t"] = self.clip.text_similarity(clean_prior, self.prior_prompts)
         grid = image_grid(torch.cat([clean_trig, clean_prior]), ncol=self.n_seeds * 2)
         return row, grid

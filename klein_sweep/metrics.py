@@ -73,21 +73,28 @@ class RandomConvFeatures(FeatureNetwork):
         return self.head(self.embed(images)) * 4.0
 
 
-def build_feature_network(name: str, model_kind: str = "tiny") -> FeatureNetwork:
-    """`auto` picks the network that knows the model's world."""
+def build_feature_network(name: str, model_kind: str = "tiny", paths: dict | None = None, role: str = "feature") -> FeatureNetwork:
+    """`auto` picks the network that knows the model's world: the mini world's own net, a
+    random conv net for the random tiny model; for real images Inception (distribution
+    metrics) and DINOv2 (identity), from the local folders in eval.network_paths."""
     from klein_sweep.errors import ConfigError
 
     if name == "auto":
         if model_kind == "pretrained":
-            raise ConfigError("eval.feature_network", name, "an explicit network for real images (random_conv is generic low-level features)")
-        name = "mini" if model_kind == "mini" else "random_conv"
+            name = "inception" if role == "feature" else "dinov2"
+        else:
+            name = "mini" if model_kind == "mini" else "random_conv"
     if name == "random_conv":
         return RandomConvFeatures(seed=0)
     if name == "mini":
         from klein_sweep.mini.features import load_mini_features
 
         return load_mini_features()
-    raise ConfigError("eval.feature_network", name, "auto, mini or random_conv")
+    if name in ("inception", "dinov2", "clip", "arcface"):
+        from klein_sweep.real_networks import load_real_network
+
+        return load_real_network(name, paths or {})
+    raise ConfigError(f"eval.{role}_network", name, "auto, mini, random_conv, inception, dinov2, clip (identity also: arcface)")
 
 
 class _Embedder(torch.nn.Module):
@@ -139,10 +146,15 @@ def inception_score(net: FeatureNetwork, images: torch.Tensor, splits: int = 1) 
 
 
 def identity_similarity(net: FeatureNetwork, generated: torch.Tensor, reference: torch.Tensor) -> float:
-    """Mean cosine similarity over all (generated, reference) pairs (DreamBooth's DINO/CLIP-I)."""
+    """Mean cosine similarity over all (generated, reference) pairs (DreamBooth's DINO/CLIP-I).
+    A network may embed an image as NaN (ArcFace: no face found): such a reference image is left
+    out, such a generated image counts as similarity 0 (a miss, not a pass)."""
     g = F.normalize(net.identity(generated), dim=1)
     r = F.normalize(net.identity(reference), dim=1)
-    return float((g @ r.T).mean())
+    r = r[~torch.isnan(r).any(dim=1)]
+    if len(r) == 0:
+        return float("nan")
+    return float(torch.nan_to_num(g @ r.T, nan=0.0).mean())
 
 
 def mean_pairwise_similarity(net: FeatureNetwork, images: torch.Tensor) -> float:

@@ -93,6 +93,10 @@ def plan_sweep(settings: Settings, resolved_cfg: dict) -> SweepPlan:
     for steps in step_values:  # checkpoint steps are not in the cells: check them on their own
         apply_params(base_cfg, {"train.steps": steps}, output_dir="")
     load_examples(cell_settings.data)
+    if cell_settings.eval.enabled:
+        from klein_sweep.real_networks import check_networks_available
+
+        check_networks_available(cell_settings.eval, cell_settings.model.kind)
     output_dir = Path(sweep.output_dir or Path("sweeps") / sweep.name)
     storage_url = sweep.storage or f"sqlite:///{output_dir / 'study.db'}"
     n_saved = len(cells) * (len(step_values) - 1) if steps_are_checkpoints else 0
