@@ -234,6 +234,14 @@ class EvalConfig:
     """Network whose embedding cosine is identity similarity: `same` (the feature network),
     `dinov2`, `clip`, `arcface` (faces; non-commercial weights), `mini`, `random_conv`; `auto`:
     the feature network for mini/tiny, dinov2 for the real models."""
+    also_distilled: bool = False
+    """Also evaluate every checkpoint's LoRA on the step-distilled model (4 steps, no CFG), logged
+    as eval_distilled/*: does a LoRA trained on base transfer?"""
+    distilled_model: Optional[str] = None
+    """The `model=` option to evaluate on; null = the base model's counterpart
+    (flux2_klein_base_9b -> flux2_klein_9b)."""
+    distilled_path: Optional[str] = None
+    """Hub id or local folder of the distilled weights (its model.path)."""
     prompt_fidelity: bool = False
     """Also log CLIP-T (eval/clip_t): CLIP cosine between prior samples and their prompts, i.e.
     does the model still follow prompts. Needs eval.network_paths.clip."""

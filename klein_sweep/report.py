@@ -243,6 +243,7 @@ def render_markdown(results, axis, columns, labels, cells, points, fit, best, co
     if not corr:
         lines.append("| (too few checkpoints) | | | |")
     lines += strength_section(results)
+    lines += transfer_section(results)
     if results.failed:
         lines += ["", "## Failed trials", ""]
         lines += [f"- trial {n} ({setting_label(cell)}): {reason}" for n, cell, reason in results.failed]
@@ -275,6 +276,28 @@ def strength_section(results: SweepResults) -> list[str]:
         lines.append("| (no checkpoint collapsed at strength 1.0) | | | " + " | ".join("" for _ in strengths) + " |")
     else:
         lines += ["", f"{usable} of {len(collapsed_rows)} collapsed checkpoints are not collapsed at some lower or higher strength."]
+    return lines
+
+
+def transfer_section(results: SweepResults) -> list[str]:
+    """With eval.also_distilled: each checkpoint's identity on the base model it was trained on
+    and on the distilled model (4 steps, no CFG) - does the LoRA transfer?"""
+    rows = [(t, r) for t in sorted(results.trials, key=_setting_order) for r in t.rows if r.get("distilled")]
+    if not rows:
+        return []
+    lines = ["", "## Base -> distilled transfer", "",
+             "Identity similarity of each checkpoint's LoRA on the base model (its own recipe) and on the "
+             "distilled model (4 steps, no CFG); KID to the training images on the distilled model.", "",
+             "| setting | step | identity on base | identity on distilled | KID on distilled | state on base |",
+             "|---|---|---|---|---|---|"]
+    for t, r in rows:
+        d = r["distilled"]
+        lines.append(f"| {setting_label(t.setting)} | {r['step']} | {_fmt(r.get('id_sim'))} | {_fmt(d.get('id_sim'))} | "
+                     f"{_fmt(d.get('kid'))} | {r.get('state', '?')} |")
+    gaps = [r["distilled"]["id_sim"] - r["id_sim"] for _, r in rows
+            if isinstance(r.get("id_sim"), (int, float)) and isinstance(r["distilled"].get("id_sim"), (int, float))]
+    if gaps:
+        lines += ["", f"Mean identity change from base to distilled: {sum(gaps) / len(gaps):+.3f} over {len(gaps)} checkpoints."]
     return lines
 
 

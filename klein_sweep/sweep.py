@@ -97,6 +97,10 @@ def plan_sweep(settings: Settings, resolved_cfg: dict) -> SweepPlan:
         from klein_sweep.real_networks import check_networks_available
 
         check_networks_available(cell_settings.eval, cell_settings.model.kind)
+        if cell_settings.eval.also_distilled:
+            from klein_sweep.distilled import distilled_model_config
+
+            distilled_model_config(cell_settings)  # a name with no counterpart fails here, not mid-sweep
     output_dir = Path(sweep.output_dir or Path("sweeps") / sweep.name)
     storage_url = sweep.storage or f"sqlite:///{output_dir / 'study.db'}"
     n_saved = len(cells) * (len(step_values) - 1) if steps_are_checkpoints else 0

@@ -40,6 +40,7 @@ ATTR_STATE = "state"
 ATTR_COLLAPSE_STEP = "collapse_step"
 ATTR_BEST_STEP = "best_step"
 ATTR_BASE = "base"
+ATTR_BASE_DISTILLED = "base_distilled"
 ATTR_RUN_ID = "mlflow_run_id"
 ATTR_STEPS = "steps"
 ATTR_TRAIN_SECONDS = "train_seconds"
@@ -64,6 +65,7 @@ class SharedModel:
         self.key = None
         self.prepared = None
         self.evaluator = None
+        self.distilled = None
 
     def get(self, plan_t, settings: Settings):
         from klein_sweep.evaluation import CheckpointEvaluator, eval_prompts
@@ -73,10 +75,15 @@ class SharedModel:
         if key != self.key:
             trigger, prior = eval_prompts(settings) if settings.eval.enabled else ([], [])
             self.prepared = prepare_model(plan_t, extra_prompts=trigger + prior)
-            self.evaluator = None
+            self.evaluator = self.distilled = None
             if settings.eval.enabled:
                 self.evaluator = CheckpointEvaluator(settings, self.prepared.pipe, self.prepared.data, plan_t.examples)
                 self.evaluator.compute_base()  # before any LoRA touches the transformer
+                if settings.eval.also_distilled:
+                    from klein_sweep.distilled import DistilledEvaluator
+
+                    self.distilled = DistilledEvaluator(settings, self.prepared.pipe, self.prepared.data, plan_t.examples,
+                                                        self.prepared.runtime)
             self.key = key
         return self.prepared, self.evaluator
 
@@ -229,7 +236,8 @@ def run_sweep_trial(study, trial, plan: SweepPlan, shared: SharedModel, parent, 
             tracker = open_child_run(settings, plan, trial, params, parent)
             if tracker.run_id:
                 trial.set_user_attr(ATTR_RUN_ID, tracker.run_id)
-            record = TrialRecorder(trial, plan, settings, evaluator, tracker, n_images=len(plan_t.examples))
+            record = TrialRecorder(trial, plan, settings, evaluator, tracker, n_images=len(plan_t.examples),
+                                   distilled=shared.distilled)
             from klein_sweep.trial import run_training
 
             start = time.perf_counter()
@@ -363,8 +371,9 @@ class TrialRecorder:
     """The evaluation callback of one trial: metrics -> collapse state -> Optuna report ->
     tracker; keeps the best checkpoint's LoRA."""
 
-    def __init__(self, trial, plan: SweepPlan, settings: Settings, evaluator, tracker, n_images: int):
+    def __init__(self, trial, plan: SweepPlan, settings: Settings, evaluator, tracker, n_images: int, distilled=None):
         self.trial, self.plan, self.settings, self.evaluator, self.tracker = trial, plan, settings, evaluator, tracker
+        self.distilled = distilled
         self.n_images = n_images
         self.rows: list[dict] = []
         self.eval_seconds = 0.0
@@ -382,6 +391,9 @@ class TrialRecorder:
             else {}
         )
         self.trial.set_user_attr(ATTR_BASE, self.base)
+        if distilled is not None:
+            self.trial.set_user_attr(ATTR_BASE_DISTILLED, {"model": distilled.model.name, "id_sim": distilled.base.id_sim,
+                                                           "leak": distilled.base.leak})
 
     def on_checkpoint(self, event, model) -> tuple[dict, bool]:
         from klein_sweep.lora import save_lora
@@ -408,6 +420,10 @@ class TrialRecorder:
                         at_strength, _ = self.evaluator.evaluate()
                     row.setdefault("scales", {})[f"{strength:g}"] = at_strength
                     metrics.update({f"eval_strength_{strength:g}/{k}": v for k, v in at_strength.items() if k in SCALE_METRICS})
+            if self.distilled is not None:
+                transfer = self.distilled.evaluate(model)
+                row["distilled"] = transfer
+                metrics.update({f"eval_distilled/{k}": v for k, v in transfer.items()})
             self.eval_seconds += time.perf_counter() - start
             grid_path = Path(self.settings.output_dir) / "samples" / f"step_{event.step:06d}.png"
             grid_path.parent.mkdir(parents=True, exist_ok=True)
