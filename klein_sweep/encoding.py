@@ -13,13 +13,13 @@ import gc
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from klein_sweep.data import Example, load_image
+from klein_sweep.fileio import replaced_atomically
 
 CACHE_FORMAT = 1  # bump when what is stored changes
 
@@ -89,14 +89,8 @@ class EncodingCache:
         folder = self.root / kind
         folder.mkdir(parents=True, exist_ok=True)
         # Several workers may encode the same entry: write aside, then rename atomically.
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
-        os.close(fd)
-        try:
-            save_file({"value": value.contiguous()}, tmp)
-            os.replace(tmp, folder / f"{key}.safetensors")
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with replaced_atomically(folder / f"{key}.safetensors") as tmp:
+            save_file({"value": value.contiguous()}, str(tmp))
 
 
 def encode_data(

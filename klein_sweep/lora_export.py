@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from klein_sweep.fileio import replaced_atomically
 
 BFL_PREFIX = "diffusion_model."
 EXPORT_WEIGHT_NAME = "klein_lora_comfyui.safetensors"
@@ -122,12 +123,6 @@ def export_comfyui(lora_file: str | os.PathLike, out_file: str | os.PathLike | N
     out_file = Path(out_file) if out_file else lora_file.with_name(EXPORT_WEIGHT_NAME)
     pairs, meta = read_diffusers_lora(lora_file)
     state = to_original_layout(pairs, meta)
-    fd, tmp = tempfile.mkstemp(dir=out_file.parent, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"format": "pt", "source": "klein_sweep", "layout": "flux2-original (diffusion_model.*)"})
-        os.replace(tmp, out_file)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with replaced_atomically(out_file) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt", "source": "klein_sweep", "layout": "flux2-original (diffusion_model.*)"})
     return out_file

@@ -13,16 +13,14 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
-import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from klein_sweep import collapse
+from klein_sweep.fileio import replaced_atomically
 
 HEATMAP_METRICS = (("id_sim", "identity similarity (higher is better)"), ("kid", "KID to reference (lower)"),
                    ("prior_kid", "prior KID, LoRA vs base (lower)"), ("leak", "concept leak (lower)"))
@@ -339,7 +337,7 @@ def plot_heatmaps(path: Path, results, axis, columns, labels, cells, fit, best) 
     fig.suptitle(f"{results.name}: G good, U underfit, O overfit, X collapsed; yellow = better; red = boundary, "
                  f"gold = best, dashed = fit; grey = not evaluated (training stopped at the collapse)", fontsize=10)
     fig.tight_layout()
-    with _temporary_beside(path) as tmp:
+    with replaced_atomically(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
@@ -394,22 +392,8 @@ def _fmt(v) -> str:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    with _temporary_beside(path) as tmp:
+    with replaced_atomically(path) as tmp:  # two workers finishing together do not trip over each other
         tmp.write_text(text)
-
-
-@contextlib.contextmanager
-def _temporary_beside(path: Path):
-    """A uniquely named temporary file next to `path`, renamed onto it on success: readers never
-    see half a report, and two workers finishing together do not trip over each other."""
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=f".tmp{path.suffix}")
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_study(folder: Path, storage: str | None = None, study_name: str | None = None):

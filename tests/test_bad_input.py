@@ -105,5 +105,5 @@ def test_unreachable_or_unusable_storage_url(tmp_path, scheme):
     url = f"{scheme}://klein:secret@127.0.0.1:{free_port()}/klein"
     proc = run_cli("model=tiny", "data=tiny_character", "+sweep=lr_vs_steps", f"sweep.storage={url}", cwd=tmp_path)
     expected = "cannot open Optuna storage" if scheme == "postgresql" else "needs a database driver that is not installed"
-    assert_refused(proc, f"sweep.storage: ", tmp_path)
+    assert_refused(proc, "sweep.storage: ", tmp_path)
     assert expected in proc.stderr and "secret" not in proc.stderr  # the password is never printed

@@ -49,7 +49,8 @@ def test_lr_vs_steps_tracks_parent_children_and_tags(tmp_path):
         assert child.data.params["train.lr"] in ("0.0001", "0.0004")
         arts = {a.path for a in client.list_artifacts(rid)}
         assert {"config.yaml", "samples", "lora"} <= arts or {"samples", "lora"} <= arts
-        assert [a.path for a in client.list_artifacts(rid, "lora/last")] == ["lora/last/pytorch_lora_weights.safetensors"]
+        assert [a.path for a in client.list_artifacts(rid, "lora/last")] == [
+            "lora/last/klein_lora_comfyui.safetensors", "lora/last/pytorch_lora_weights.safetensors"]
 
 
 def test_killed_sweep_resumes_every_cell_once(tmp_path):
