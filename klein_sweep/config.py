@@ -213,6 +213,13 @@ class EvalConfig:
     """Prompts without the trigger: prior preservation (LoRA vs base samples) and concept leak."""
     seeds: list = field(default_factory=lambda: [0, 1])
     """Fixed seeds; every prompt is sampled once per seed, identically in every trial."""
+    screening_seeds: Optional[list] = None
+    """Screening: evaluate every checkpoint with these seeds only (fewer samples; with
+    screening_sample_steps, fewer denoising steps too) and give the full evaluation (`seeds`,
+    `sample_steps`) only to the checkpoints that decide the result: the two best screened ones
+    and the two around the first collapse; the best checkpoint is chosen on the full values. null = every checkpoint gets the full evaluation."""
+    screening_sample_steps: Optional[int] = None
+    """Denoising steps of the screening samples; null = sample_steps."""
     lora_scales: list = field(default_factory=lambda: [1.0])
     """LoRA strengths each checkpoint is evaluated at. 1.0 (as trained) decides collapse and the
     objective; the others are logged as eval_strength_S/* and the report shows whether a collapsed
@@ -298,6 +305,12 @@ class EvalConfig:
         _int_range("eval.batch_size", self.batch_size, 1, 4096)
         if self.sample_steps is not None:
             _int_range("eval.sample_steps", self.sample_steps, 1, 1000)
+        if self.screening_sample_steps is not None:
+            _int_range("eval.screening_sample_steps", self.screening_sample_steps, 1, 1000)
+        if self.screening_seeds is not None and self.enabled:
+            n = min(len(self.trigger_prompts), len(self.prior_prompts)) * len(self.screening_seeds)
+            if n < 2:
+                raise ConfigError("eval.screening_seeds", self.screening_seeds, f"seeds giving prompts x seeds >= 2 samples (got {n})")
         for key in ("id_drop", "leak_margin", "degenerate_frac", "underfit_margin", "overfit_sample_sim"):
             _float_range(f"eval.{key}", getattr(self, key), 0.0, 1.0)
         for key in ("kid_factor", "prior_kid_factor"):

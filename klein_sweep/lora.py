@@ -132,3 +132,16 @@ def lora_strength(transformer: torch.nn.Module, strength: float):
     finally:
         for m, scaling in zip(layers, saved):
             m.scaling.update(scaling)
+
+
+def lora_snapshot(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of the adapter's parameters, by parameter name (restorable with restore_lora)."""
+    return {n: p.detach().to("cpu", copy=True) for n, p in transformer.named_parameters() if "lora_" in n}
+
+
+@torch.no_grad()
+def restore_lora(transformer: torch.nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
+    """Put a snapshot's values back into the adapter (same parameters, same devices)."""
+    for name, param in transformer.named_parameters():
+        if name in snapshot:
+            param.copy_(snapshot[name])

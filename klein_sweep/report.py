@@ -240,6 +240,7 @@ def render_markdown(results, axis, columns, labels, cells, points, fit, best, co
         lines.append(f"| {m} | {c['rho']:+.2f} | {c['p']:.3g} | {c['n']} |")
     if not corr:
         lines.append("| (too few checkpoints) | | | |")
+    lines += full_evaluation_section(results)
     lines += strength_section(results)
     lines += transfer_section(results)
     if results.failed:
@@ -274,6 +275,23 @@ def strength_section(results: SweepResults) -> list[str]:
         lines.append("| (no checkpoint collapsed at strength 1.0) | | | " + " | ".join("" for _ in strengths) + " |")
     else:
         lines += ["", f"{usable} of {len(collapsed_rows)} collapsed checkpoints are not collapsed at some lower or higher strength."]
+    return lines
+
+
+def full_evaluation_section(results: SweepResults) -> list[str]:
+    """With screening: the checkpoints that got the full evaluation, screening vs full values."""
+    rows = [(t, r) for t in sorted(results.trials, key=_setting_order) for r in t.rows if r.get("full")]
+    if not rows:
+        return []
+    lines = ["", "## Full evaluation of the deciding checkpoints", "",
+             "Every checkpoint was screened with fewer samples (eval.screening_seeds); the two best screened checkpoints and "
+             "the two around the first collapse were evaluated in full; the best checkpoint and the objective use the full values.", "",
+             "| setting | step | state (screening) | identity screening | identity full | KID full | prior KID full |",
+             "|---|---|---|---|---|---|---|"]
+    for t, r in rows:
+        f = r["full"]
+        lines.append(f"| {setting_label(t.setting)} | {r['step']} | {r.get('state', '?')} | {_fmt(r.get('id_sim'))} | "
+                     f"{_fmt(f.get('id_sim'))} | {_fmt(f.get('kid'))} | {_fmt(f.get('prior_kid'))} |")
     return lines
 
 

@@ -66,6 +66,7 @@ class SharedModel:
         self.prepared = None
         self.evaluator = None
         self.distilled = None
+        self.full = None  # with screening: the full evaluator, for the checkpoints that decide
 
     def get(self, plan_t, settings: Settings):
         from klein_sweep.evaluation import CheckpointEvaluator, eval_prompts
@@ -75,10 +76,21 @@ class SharedModel:
         if key != self.key:
             trigger, prior = eval_prompts(settings) if settings.eval.enabled else ([], [])
             self.prepared = prepare_model(plan_t, extra_prompts=trigger + prior)
-            self.evaluator = self.distilled = None
+            self.evaluator = self.distilled = self.full = None
             if settings.eval.enabled:
                 self.evaluator = CheckpointEvaluator(settings, self.prepared.pipe, self.prepared.data, plan_t.examples)
                 self.evaluator.compute_base()  # before any LoRA touches the transformer
+                if settings.eval.screening_seeds:
+                    import dataclasses
+
+                    e = settings.eval
+                    screening = dataclasses.replace(
+                        settings, eval=dataclasses.replace(e, seeds=list(e.screening_seeds),
+                                                           sample_steps=e.screening_sample_steps or e.sample_steps)
+                    )
+                    self.full = self.evaluator
+                    self.evaluator = CheckpointEvaluator(screening, self.prepared.pipe, self.prepared.data, plan_t.examples)
+                    self.evaluator.compute_base()
                 if settings.eval.also_distilled:
                     from klein_sweep.distilled import DistilledEvaluator
 
@@ -237,7 +249,7 @@ def run_sweep_trial(study, trial, plan: SweepPlan, shared: SharedModel, parent, 
             if tracker.run_id:
                 trial.set_user_attr(ATTR_RUN_ID, tracker.run_id)
             record = TrialRecorder(trial, plan, settings, evaluator, tracker, n_images=len(plan_t.examples),
-                                   distilled=shared.distilled)
+                                   distilled=shared.distilled, full=shared.full)
             from klein_sweep.trial import run_training
 
             start = time.perf_counter()
@@ -245,7 +257,7 @@ def run_sweep_trial(study, trial, plan: SweepPlan, shared: SharedModel, parent, 
                 plan_t, prepared, tracker, evaluate=record.on_checkpoint, progress=progress, lora_artifact_path="lora/last"
             )
             train_seconds = time.perf_counter() - start - record.eval_seconds
-            state, value = record.finish(outcome, plan_t.steps)
+            state, value = record.finish(outcome, plan_t.steps, model=transformer)
             trial.set_user_attr(ATTR_TRAIN_SECONDS, round(train_seconds, 3))
             trial.set_user_attr(ATTR_EVAL_SECONDS, round(record.eval_seconds, 3))
         # MLflow first: a trial counts as done in the study only once its run is complete.
@@ -371,9 +383,12 @@ class TrialRecorder:
     """The evaluation callback of one trial: metrics -> collapse state -> Optuna report ->
     tracker; keeps the best checkpoint's LoRA."""
 
-    def __init__(self, trial, plan: SweepPlan, settings: Settings, evaluator, tracker, n_images: int, distilled=None):
+    def __init__(self, trial, plan: SweepPlan, settings: Settings, evaluator, tracker, n_images: int, distilled=None,
+                 full=None):
         self.trial, self.plan, self.settings, self.evaluator, self.tracker = trial, plan, settings, evaluator, tracker
         self.distilled = distilled
+        self.full = full  # set when `evaluator` is the screening one
+        self.snapshots: dict[int, dict] = {}  # step -> LoRA values, for the full evaluation at the end
         self.n_images = n_images
         self.rows: list[dict] = []
         self.eval_seconds = 0.0
@@ -420,6 +435,10 @@ class TrialRecorder:
                         at_strength, _ = self.evaluator.evaluate()
                     row.setdefault("scales", {})[f"{strength:g}"] = at_strength
                     metrics.update({f"eval_strength_{strength:g}/{k}": v for k, v in at_strength.items() if k in SCALE_METRICS})
+            if self.full is not None:
+                from klein_sweep.lora import lora_snapshot
+
+                self.snapshots[event.step] = lora_snapshot(model)
             if self.distilled is not None:
                 transfer = self.distilled.evaluate(model)
                 row["distilled"] = transfer
@@ -442,12 +461,14 @@ class TrialRecorder:
         # A collapsed checkpoint ends the trial: later steps are known collapsed.
         return metrics, current["state"] == "collapsed"
 
-    def finish(self, outcome, total_steps: int) -> tuple[str, float | None]:
+    def finish(self, outcome, total_steps: int, model=None) -> tuple[str, float | None]:
         if outcome.status == "diverged":
             self.rows.append({"step": outcome.steps_done, "loss": float("nan")})
         rows = collapse.classify(self.rows, self.base, self.th)
         classify_strengths(rows, self.base, self.th)
         best = collapse.best_checkpoint(rows, self.objective, self.plan.sweep.direction)
+        if self.full is not None and model is not None:
+            best = self.evaluate_in_full(rows, model) or best
         collapse_step = collapse.first_collapse_step(rows)
         state = rows[-1]["state"] if rows else "failed"
         t = self.trial
@@ -472,7 +493,48 @@ class TrialRecorder:
 
             self.tracker.log_artifact(best_lora, "lora/best")
             self.tracker.log_artifact(export_comfyui(best_lora), "lora/best")
+        if best and "full" in best:  # the objective from the full evaluation where it ran
+            return state, best["full"][self.objective]
         return state, (best[self.objective] if best else None)
+
+    def evaluate_in_full(self, rows: list[dict], model) -> dict | None:
+        """Full evaluation of the checkpoints that decide the result - the two best screened
+        ones, the first collapsed one and the one before it - from their LoRA snapshots, into
+        rows[i]["full"]. Returns the best checkpoint by its full value (its LoRA becomes
+        lora_best), or None when no candidate was evaluated."""
+        from klein_sweep.lora import lora_snapshot, restore_lora, save_lora
+
+        steps = [r["step"] for r in rows if r["step"] in self.snapshots]
+        maximize = self.plan.sweep.direction == "maximize"
+        usable = [r for r in rows if r.get("state") != "collapsed" and r["step"] in self.snapshots
+                  and isinstance(r.get(self.objective), (int, float)) and math.isfinite(r[self.objective])]
+        ranked = sorted(usable, key=lambda r: r[self.objective], reverse=maximize)
+        decisive = {r["step"] for r in ranked[:2]}  # screening noise can swap neighbours: two
+        first = collapse.first_collapse_step(rows)
+        if first is not None and first in steps:
+            i = steps.index(first)
+            decisive |= {first} | ({steps[i - 1]} if i > 0 else set())
+        if not decisive:
+            return None
+        start = time.perf_counter()
+        final = lora_snapshot(model)
+        try:
+            for step in sorted(decisive):
+                restore_lora(model, self.snapshots[step])
+                values, _ = self.full.evaluate()
+                next(r for r in rows if r["step"] == step)["full"] = values
+                self.tracker.log_metrics({f"eval_full/{k}": v for k, v in values.items()}, step=step)
+            judged = [r for r in rows if "full" in r and r.get("state") != "collapsed"
+                      and math.isfinite(r["full"].get(self.objective, float("nan")))]
+            best = (max if maximize else min)(judged, key=lambda r: r["full"][self.objective]) if judged else None
+            if best is not None:
+                restore_lora(model, self.snapshots[best["step"]])
+                save_lora(model, Path(self.settings.output_dir) / "lora_best")
+            return best
+        finally:
+            restore_lora(model, final)
+            self.snapshots.clear()
+            self.eval_seconds += time.perf_counter() - start
 
 
 # Metrics logged per extra LoRA strength (the full row is kept in the study).

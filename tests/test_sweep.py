@@ -85,6 +85,7 @@ def test_killed_sweep_resumes_every_cell_once(tmp_path):
     assert len(interrupted) == 1
 
 
+@pytest.mark.slow  # the default run covers this on PostgreSQL with three workers (test_workers.py)
 def test_two_workers_never_run_a_cell_twice(tmp_path):
     args = sweep_args("lr_vs_steps", tmp_path, "sweep.params.train.lr.values=[5e-5,1e-4,1.5e-4,2e-4,4e-4]",
                       "sweep.params.train.steps.values=[5,10]", "tracking=none")

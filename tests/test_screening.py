@@ -1,0 +1,48 @@
+"""Screening evaluation: every checkpoint with few samples, the full evaluation only for the
+checkpoints that decide the result (best, and around the first collapse), from LoRA snapshots."""
+
+from __future__ import annotations
+
+import torch
+from sweep_helpers import COMMON, compose_plan
+from test_lora import sample, trained_like
+
+from klein_sweep.lora import lora_snapshot, restore_lora
+from klein_sweep.tiny_model import build_tiny_pipeline
+
+
+def test_a_snapshot_restores_the_lora_exactly():
+    pipe = build_tiny_pipeline(seed=0)
+    params = trained_like(pipe, rank=4, alpha=4.0)
+    before = sample(pipe)
+    snap = lora_snapshot(pipe.transformer)
+    with torch.no_grad():
+        for p in params:
+            p.add_(1.0)
+    assert not torch.allclose(sample(pipe), before, atol=1e-4)
+    restore_lora(pipe.transformer, snap)
+    assert torch.equal(sample(pipe), before)
+
+
+def test_screened_sweep_evaluates_the_deciding_checkpoints_in_full(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from klein_sweep.sweep import open_study
+    from klein_sweep.sweep_run import run_sweep
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    plan = compose_plan(["+sweep=lr_vs_steps", *COMMON, "eval.seeds=[0,1,2,3]", "eval.screening_seeds=[0,1]",
+                         "eval.prior_prompts=['photo of a creature','a creature on a sky background']",
+                         "sweep.params.train.lr.values=[1e-3]", "sweep.params.train.steps.values=[2,4,6]",
+                         f"data.cache_dir={tmp_path / 'cache'}", f"sweep.output_dir={tmp_path / 'sweep'}", f"tracking.uri={uri}"])
+    run_sweep(plan, progress=False)
+    trial = open_study(plan, create=False).trials[0]
+    rows = trial.user_attrs["checkpoints"]
+    best = trial.user_attrs["best_step"]
+    full = [r["step"] for r in rows if "full" in r]
+    assert best in full and len(full) <= 4  # the two best screened (and, had it collapsed, the two around it)
+    best_row = next(r for r in rows if r["step"] == best)
+    assert trial.value == best_row["full"]["id_sim"]  # the objective comes from the full evaluation
+    history = MlflowClient(uri).get_metric_history(trial.user_attrs["mlflow_run_id"], "eval_full/id_sim")
+    assert [m.step for m in history] == sorted(full)
+    assert "## Full evaluation of the deciding checkpoints" in (tmp_path / "sweep" / "report.md").read_text()
