@@ -7,6 +7,7 @@ latents of the given resolution. Prints s/step, peak GPU memory and model FLOP u
 
     python benchmarks/bench_train_step.py --model 9b                  # 512/768/1024 px on a GPU
     python benchmarks/bench_train_step.py --model 9b --no-gradient-checkpointing --resolutions 1024
+    python benchmarks/bench_train_step.py --model 9b --quantize int8  # int8 base weights (torchao)
     python benchmarks/bench_train_step.py --model tiny --steps 3      # CPU smoke run (CI keeps it alive)
     python benchmarks/bench_train_step.py --model 9b --flops-only     # no GPU: FLOPs and the time floor only
 
@@ -158,6 +159,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--quantize", choices=["none", "int8", "fp8"], default="none", help="frozen base weights through torchao")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, for MFU")
     p.add_argument("--flops-only", action="store_true", help="count FLOPs on the meta device (no GPU, no weights) and "
                    "print the step-time floor at --peak-tflops (default 989, an H100)")
@@ -170,12 +172,18 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     transformer, text_tokens = build_transformer(args.model, device)
     n_params = sum(p.numel() for p in transformer.parameters())
+    if args.quantize != "none":
+        from klein_sweep.models import quantize_transformer
+
+        quantize_transformer(transformer, args.quantize, device)
+        if device == "cuda":
+            torch.cuda.empty_cache()
     lora = inject_lora(transformer, rank=args.rank, alpha=args.rank, preset="attn")
     weights_gib = torch.cuda.memory_allocated() / 2**30 if device == "cuda" else float("nan")
     where = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     print(f"model {args.model}: {n_params / 1e9:.2f} B params ({weights_gib:.1f} GiB on device), LoRA rank {args.rank} "
           f"({sum(p.numel() for p in lora) / 1e6:.1f} M params), built in {time.perf_counter() - start:.0f} s on {where}")
-    print(f"batch {args.batch_size}, {text_tokens} text tokens, optimizer {args.optimizer}, "
+    print(f"batch {args.batch_size}, {text_tokens} text tokens, optimizer {args.optimizer}, base weights {args.quantize}, "
           f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, {args.steps} timed steps after {args.warmup}")
     peak = peak_tflops(args, device)
     print("| resolution | image tokens | s/step | peak GiB | GFLOP/step | MFU |")

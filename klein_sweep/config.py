@@ -30,6 +30,7 @@ TARGET_PRESETS = ("attn", "all_linear")
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
 MODEL_KINDS = ("tiny", "mini", "pretrained")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZE_MODES = ("none", "int8", "fp8")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 OPTIMIZERS = ("adamw", "adamw8bit")
 TRACKING_BACKENDS = ("mlflow", "none")
@@ -65,10 +66,15 @@ class ModelConfig:
     """Real CFG scale for samples (base ~4; ignored by distilled models)."""
     seed: int = 0
     """Seed of the random weights of the `tiny` model (ignored for `pretrained`)."""
+    quantize: str = "none"
+    """Frozen transformer weights through torchao (`pip install 'klein_sweep[quant]'`): `int8`
+    weight-only (about half of bf16's memory; any device), `fp8` weight-only (CUDA, Ada/Hopper
+    or newer). The LoRA itself trains in float32 on top, as QLoRA-style trainers do."""
 
     def __post_init__(self):
         _choice("model.kind", self.kind, MODEL_KINDS)
         _choice("model.dtype", self.dtype, DTYPES)
+        _choice("model.quantize", self.quantize, QUANTIZE_MODES)
         if not self.text_encoder_layers or any(
             not isinstance(i, int) or i < 0 for i in self.text_encoder_layers
         ):

@@ -104,6 +104,8 @@ def load_pipeline(model: ModelConfig, runtime: Runtime):
     if pipe.transformer.dtype != runtime.dtype:  # from_pretrained already loaded in runtime.dtype
         pipe.to(dtype=runtime.dtype)
     pipe.to(runtime.device)
+    if model.quantize != "none":
+        quantize_transformer(pipe.transformer, model.quantize, runtime.device)
     for part in (pipe.transformer, pipe.vae, pipe.text_encoder):
         part.requires_grad_(False)
         part.eval()
@@ -160,3 +162,15 @@ def transformer_skeleton(model: ModelConfig):
         raise ModelError(f"no transformer config for model '{model.name}': set model.path to a folder with transformer/config.json")
     with init_empty_weights():
         return Flux2Transformer2DModel.from_config(config)
+
+
+def quantize_transformer(transformer, mode: str, device: str) -> None:
+    """Weight-only quantization of the frozen transformer in place (torchao). Its Linear layers
+    keep working with peft: the LoRA trains in float32 on top of the quantized base."""
+    try:
+        from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+    except ImportError as exc:
+        raise ModelError(f"model.quantize={mode} needs torchao: pip install 'klein_sweep[quant]' ({exc})") from exc
+    if mode == "fp8" and device != "cuda":
+        raise ModelError("model.quantize=fp8 needs a CUDA GPU with fp8 support (Ada/Hopper or newer); use int8 elsewhere")
+    quantize_(transformer, Int8WeightOnlyConfig() if mode == "int8" else Float8WeightOnlyConfig())
