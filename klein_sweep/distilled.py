@@ -94,6 +94,8 @@ class DistilledEvaluator:
         from klein_sweep.lora import save_lora
         from klein_sweep.lora_compat import load_checked_lora
 
+        # Through the file, as a user would ship it: its metadata carries alpha, which a bare
+        # state dict would lose (an alpha != rank LoRA would load at the wrong strength).
         lora_file = save_lora(trained_transformer, Path(self.tmp.name))
         load_checked_lora(self.pipe, lora_file, self.model.name, adapter_name="checkpoint")
         try:

@@ -59,15 +59,14 @@ class CheckpointEvaluator:
         self.pipe = pipe
         self.recipe = sample_recipe(settings)
         e = settings.eval
-        kind = settings.model.kind
-        self.net = M.build_feature_network(e.feature_network, kind, e.network_paths, role="feature")
-        same = e.identity_network == "same" or (e.identity_network == "auto" and kind != "pretrained")
-        self.id_net = self.net if same else M.build_feature_network(e.identity_network, kind, e.network_paths, role="identity")
+        feature, identity = M.resolve_networks(e, settings.model.kind)
+        self.net = M.build_feature_network(feature, e.network_paths)
+        self.id_net = self.net if identity is None else M.build_feature_network(identity, e.network_paths)
         self.clip = None
         if e.prompt_fidelity:
             from klein_sweep.real_networks import ClipFeatures
 
-            self.clip = self.id_net if isinstance(self.id_net, ClipFeatures) else M.build_feature_network("clip", kind, e.network_paths)
+            self.clip = self.id_net if isinstance(self.id_net, ClipFeatures) else M.build_feature_network("clip", e.network_paths)
         trigger, prior = eval_prompts(settings)
         seeds = [int(s) for s in settings.eval.seeds]
         self.prior_prompts = [p for p in prior for _ in seeds]  # in the order the samples come

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from klein_sweep.fileio import replaced_atomically
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
@@ -88,17 +89,15 @@ def save_lora(transformer: torch.nn.Module, directory: str | os.PathLike) -> Pat
     from diffusers import Flux2KleinPipeline
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     metadata = transformer.peft_config["default"].to_dict()
-    with tempfile.TemporaryDirectory(dir=directory, prefix=".tmp-lora-") as tmp:
+    final = directory / LORA_WEIGHT_NAME
+    with replaced_atomically(final) as tmp:  # diffusers writes exactly save_directory/weight_name
         Flux2KleinPipeline.save_lora_weights(
-            tmp,
+            tmp.parent,
             transformer_lora_layers=lora_state_dict(transformer),
             transformer_lora_adapter_metadata=metadata,
-            weight_name=LORA_WEIGHT_NAME,
+            weight_name=tmp.name,
         )
-        final = directory / LORA_WEIGHT_NAME
-        os.replace(Path(tmp) / LORA_WEIGHT_NAME, final)
     return final
 
 

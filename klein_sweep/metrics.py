@@ -73,17 +73,24 @@ class RandomConvFeatures(FeatureNetwork):
         return self.head(self.embed(images)) * 4.0
 
 
-def build_feature_network(name: str, model_kind: str = "tiny", paths: dict | None = None, role: str = "feature") -> FeatureNetwork:
-    """`auto` picks the network that knows the model's world: the mini world's own net, a
-    random conv net for the random tiny model; for real images Inception (distribution
-    metrics) and DINOv2 (identity), from the local folders in eval.network_paths."""
+def resolve_networks(eval_cfg, model_kind: str) -> tuple[str, str | None]:
+    """(feature network, identity network) with `auto` decided: the network that knows the
+    model's world - the mini world's own net, a random conv net for the random tiny model, for
+    real images Inception (distribution metrics) and DINOv2 (identity). Identity None: the
+    feature network's own identity embedding."""
+    feature = eval_cfg.feature_network
+    if feature == "auto":
+        feature = {"pretrained": "inception", "mini": "mini"}.get(model_kind, "random_conv")
+    identity = eval_cfg.identity_network
+    if identity == "auto":
+        identity = "dinov2" if model_kind == "pretrained" else "same"
+    return feature, (None if identity == "same" else identity)
+
+
+def build_feature_network(name: str, paths: dict | None = None) -> FeatureNetwork:
+    """A network by name (after resolve_networks); the real ones from eval.network_paths."""
     from klein_sweep.errors import ConfigError
 
-    if name == "auto":
-        if model_kind == "pretrained":
-            name = "inception" if role == "feature" else "dinov2"
-        else:
-            name = "mini" if model_kind == "mini" else "random_conv"
     if name == "random_conv":
         return RandomConvFeatures(seed=0)
     if name == "mini":
@@ -94,7 +101,7 @@ def build_feature_network(name: str, model_kind: str = "tiny", paths: dict | Non
         from klein_sweep.real_networks import load_real_network
 
         return load_real_network(name, paths or {})
-    raise ConfigError(f"eval.{role}_network", name, "auto, mini, random_conv, inception, dinov2, clip (identity also: arcface)")
+    raise ConfigError("eval.feature_network", name, "mini, random_conv, inception, dinov2, clip (identity also: arcface)")
 
 
 class _Embedder(torch.nn.Module):

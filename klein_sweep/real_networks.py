@@ -184,14 +184,10 @@ class ArcFaceFeatures(FeatureNetwork):
 
 def networks_needed(eval_cfg, model_kind: str) -> list[str]:
     """The real networks an eval config will load (to check their folders before a sweep starts)."""
-    feature = eval_cfg.feature_network
-    if feature == "auto":
-        feature = "inception" if model_kind == "pretrained" else None
-    identity = eval_cfg.identity_network
-    if identity == "auto":
-        identity = "dinov2" if model_kind == "pretrained" else None
-    names = [n for n in (feature, identity, "clip" if eval_cfg.prompt_fidelity else None) if n in DOWNLOADS]
-    return sorted(set(names))
+    from klein_sweep.metrics import resolve_networks
+
+    names = [*resolve_networks(eval_cfg, model_kind), "clip" if eval_cfg.prompt_fidelity else None]
+    return sorted({n for n in names if n in DOWNLOADS})
 
 
 def check_networks_available(eval_cfg, model_kind: str) -> None:

@@ -251,6 +251,11 @@ def render_markdown(results, axis, columns, labels, cells, points, fit, best, co
     return "\n".join(lines)
 
 
+def checkpoints_with(results: SweepResults, key: str) -> list[tuple[TrialResult, dict]]:
+    """(trial, checkpoint row) for every row carrying `key` (scales, full, distilled), in table order."""
+    return [(t, r) for t in sorted(results.trials, key=_setting_order) for r in t.rows if r.get(key)]
+
+
 def strength_section(results: SweepResults) -> list[str]:
     """With eval.lora_scales: every checkpoint that collapsed at strength 1.0, and what the same
     LoRA does at the other strengths - is it still usable weaker?"""
@@ -262,8 +267,7 @@ def strength_section(results: SweepResults) -> list[str]:
              "(identity / state by the same collapse rules).", "",
              "| setting | step | 1.0 | " + " | ".join(strengths) + " |", "|---|---|---|" + "---|" * len(strengths)]
     usable = 0
-    collapsed_rows = [(t, r) for t in sorted(results.trials, key=_setting_order) for r in t.rows
-                      if r.get("state") == "collapsed" and r.get("scales")]
+    collapsed_rows = [(t, r) for t, r in checkpoints_with(results, "scales") if r.get("state") == "collapsed"]
     for t, r in collapsed_rows:
         cells = []
         for s in strengths:
@@ -280,7 +284,7 @@ def strength_section(results: SweepResults) -> list[str]:
 
 def full_evaluation_section(results: SweepResults) -> list[str]:
     """With screening: the checkpoints that got the full evaluation, screening vs full values."""
-    rows = [(t, r) for t in sorted(results.trials, key=_setting_order) for r in t.rows if r.get("full")]
+    rows = checkpoints_with(results, "full")
     if not rows:
         return []
     lines = ["", "## Full evaluation of the deciding checkpoints", "",
@@ -298,7 +302,7 @@ def full_evaluation_section(results: SweepResults) -> list[str]:
 def transfer_section(results: SweepResults) -> list[str]:
     """With eval.also_distilled: each checkpoint's identity on the base model it was trained on
     and on the distilled model (4 steps, no CFG) - does the LoRA transfer?"""
-    rows = [(t, r) for t in sorted(results.trials, key=_setting_order) for r in t.rows if r.get("distilled")]
+    rows = checkpoints_with(results, "distilled")
     if not rows:
         return []
     lines = ["", "## Base -> distilled transfer", "",

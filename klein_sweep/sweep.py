@@ -38,6 +38,8 @@ ATTR_FAILURE = "failure_reason"
 ATTR_INTERRUPTED = "interrupted"
 ATTR_DUPLICATE = "duplicate_of"
 ATTR_SURPLUS = "surplus"
+# A running trial whose heartbeat is silent for this many intervals is taken as dead.
+GRACE_BEATS = 4
 
 
 @dataclass
@@ -188,7 +190,7 @@ def _open_storage(plan: SweepPlan):
                 plan.storage_url,
                 engine_kwargs=kwargs,
                 heartbeat_interval=plan.sweep.heartbeat_seconds,
-                grace_period=4 * plan.sweep.heartbeat_seconds,
+                grace_period=GRACE_BEATS * plan.sweep.heartbeat_seconds,
             )
         )
     except ImportError as exc:  # the URL names a database whose driver is not installed
@@ -354,7 +356,7 @@ def wait_for_stale_cells(study, plan: SweepPlan) -> bool:
     from optuna.trial import TrialState
 
     interval = plan.sweep.heartbeat_seconds
-    deadline = time.monotonic() + 4 * interval + interval  # the storage's grace period + one beat
+    deadline = time.monotonic() + (GRACE_BEATS + 1) * interval  # the storage's grace period + one beat
     while True:
         if recover_interrupted(study) and sync_grid_queue(study, plan.cells):
             return True

@@ -133,23 +133,21 @@ def prepare_study(plan: SweepPlan):
     """Create or reopen the study, queue the grid cells no trial holds (again those of dead
     workers), record the plan, create the MLflow experiment and parent run. Idempotent."""
     study = open_study(plan)
+    fingerprint = plan_hash(plan)
+    prepared = study.user_attrs.get(ATTR_META)
+    if prepared:  # before anything is queued: a study with other cells must stay untouched
+        check_same_plan(plan, prepared, fingerprint)
     recovered = recover_interrupted(study)
     if recovered:
         log.info("trials %s were interrupted; their cells run again", recovered)
     if plan.sweep.sampler == "grid":
         queued = sync_grid_queue(study, plan.cells)
         log.info("grid: %d cells, %d queued now", len(plan.cells), queued)
-    prepared = study.user_attrs.get(ATTR_META)
-    if prepared and prepared.get("plan_hash") != plan_hash(plan):
-        raise KleinSweepError(
-            f"sweep {plan.study_name}: the study in {redact(plan.storage_url)} was prepared with other settings "
-            "(search space, steps or base config differ); use another sweep.name or sweep.storage, or the same settings"
-        )
     study.set_user_attr(ATTR_META, {
         "objective": plan.sweep.objective, "direction": plan.sweep.direction, "step_axis": plan.sweep.step_axis,
         "step_values": plan.step_values, "repeats_values": plan.sweep.repeats_values,
         "steps_are_checkpoints": plan.steps_are_checkpoints, "notes": plan.notes, "n_cells": len(plan.cells),
-        "trainings_saved": plan.n_trainings_saved, "plan_hash": plan_hash(plan),
+        "trainings_saved": plan.n_trainings_saved, "plan_hash": fingerprint,
     })
     return study, open_parent_run(study, plan)
 
@@ -164,11 +162,7 @@ def join_study(plan: SweepPlan):
             f"sweep.role=work: study '{plan.study_name}' in {redact(plan.storage_url)} was created but never prepared; "
             "run once with sweep.role=prepare"
         )
-    if meta.get("plan_hash") != plan_hash(plan):
-        raise KleinSweepError(
-            f"sweep.role=work: this worker's settings differ from those the study '{plan.study_name}' was prepared with "
-            "(search space, steps or base config); start every worker with the prepare command's overrides"
-        )
+    check_same_plan(plan, meta, plan_hash(plan))
     recovered = recover_interrupted(study)
     if plan.sweep.sampler == "grid" and recovered:
         sync_grid_queue(study, plan.cells)
@@ -183,6 +177,15 @@ def join_study(plan: SweepPlan):
             )
         parent = MlflowTracker.attach(plan.tracking.uri, run_id)
     return study, parent
+
+
+def check_same_plan(plan: SweepPlan, meta: dict, fingerprint: str) -> None:
+    if meta.get("plan_hash") != fingerprint:
+        raise KleinSweepError(
+            f"sweep {plan.study_name}: the study in {redact(plan.storage_url)} was prepared with other settings "
+            "(search space, steps or base config differ); start every worker with the prepare command's overrides, "
+            "or use another sweep.name or sweep.storage"
+        )
 
 
 # Paths that may differ between the machines of one study (mount points), not its settings.

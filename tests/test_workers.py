@@ -144,3 +144,8 @@ def test_workers_with_other_settings_than_the_prepared_study_are_refused(tmp_pat
     assert run_cli(*args, "sweep.role=prepare", cwd=tmp_path).returncode == 0
     proc = run_cli(*args, "sweep.role=work", "train.rank=8", cwd=tmp_path)
     assert proc.returncode == 2 and "differ" in proc.stderr
+    # A `run` with another grid is refused before it queues anything into the prepared study.
+    queued = len(study_at(storage, "lr_vs_steps").get_trials())
+    other = run_cli(*args, "sweep.params.train.lr.values=[3e-4]", cwd=tmp_path)
+    assert other.returncode == 2 and "differ" in other.stderr
+    assert len(study_at(storage, "lr_vs_steps").get_trials()) == queued
