@@ -19,12 +19,12 @@ import time
 import torch
 
 from klein_sweep.config import ASSETS_DIR, DataConfig, TrainConfig
-from klein_sweep.data import load_examples, load_image
-from klein_sweep.encoding import EncodingCache, EncodingKey, encode_data, text_encode, vae_encode
-from klein_sweep.lora import inject_lora
-from klein_sweep.tiny_model import TINY_MAX_SEQUENCE_LENGTH, TINY_TEXT_LAYERS, build_tiny_pipeline
-from klein_sweep.train import Batch, flow_matching_loss, train_lora
-from klein_sweep import flow_matching as fm
+from klein_sweep.data.folder import load_examples, load_image
+from klein_sweep.data.encoding import EncodingCache, EncodingKey, encode_data, text_encode, vae_encode
+from klein_sweep.lora.adapters import inject_lora
+from klein_sweep.models.tiny import TINY_MAX_SEQUENCE_LENGTH, TINY_TEXT_LAYERS, build_tiny_pipeline
+from klein_sweep.training.loop import Batch, flow_matching_loss, train_lora
+from klein_sweep.training import flow_matching as fm
 
 
 def fresh_pipe():

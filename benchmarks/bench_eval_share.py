@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 def run(overrides: list[str], folder: Path) -> list:
     from sweep_helpers import compose_plan
 
-    from klein_sweep.sweep import open_study
-    from klein_sweep.sweep_run import run_sweep
+    from klein_sweep.sweep.study import open_study
+    from klein_sweep.sweep.worker import run_sweep
 
     plan = compose_plan(["+sweep=lr_vs_steps", "tracking=none", f"sweep.output_dir={folder}", *overrides])
     run_sweep(plan, progress=False)

@@ -35,8 +35,8 @@ def build_transformer(model: str, device: str):
     """(transformer, text tokens) in bf16 on `device` (fp32 on CPU), random weights."""
     from diffusers import Flux2Transformer2DModel
 
-    from klein_sweep.models import klein_transformer_config
-    from klein_sweep.tiny_model import build_tiny_pipeline
+    from klein_sweep.models.loading import klein_transformer_config
+    from klein_sweep.models.tiny import build_tiny_pipeline
 
     if model == "tiny":
         transformer = build_tiny_pipeline(seed=0).transformer.to(device)
@@ -54,7 +54,7 @@ def build_transformer(model: str, device: str):
             torch.set_default_dtype(previous)
     transformer.requires_grad_(False)
     if model == "tiny":
-        from klein_sweep.tiny_model import TINY_MAX_SEQUENCE_LENGTH
+        from klein_sweep.models.tiny import TINY_MAX_SEQUENCE_LENGTH
 
         return transformer, TINY_MAX_SEQUENCE_LENGTH
     return transformer, TEXT_TOKENS
@@ -63,7 +63,7 @@ def build_transformer(model: str, device: str):
 def synthetic_data(transformer, resolution: int, text_tokens: int, n: int = 4):
     """Cached-latent data as encode_data makes it: latents (N, 128, res/16, res/16) for Klein
     (VAE /8, then 2x2 patches), prompt embeds (N, text tokens, text width)."""
-    from klein_sweep.encoding import EncodedData
+    from klein_sweep.data.encoding import EncodedData
 
     g = torch.Generator().manual_seed(0)
     side, channels, width = resolution // 16, transformer.config.in_channels, transformer.config.joint_attention_dim
@@ -85,7 +85,7 @@ def count_step_flops(transformer, data, cfg, device) -> float:
     """FLOPs of one forward + backward (model FLOPs: no checkpoint recomputation)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from klein_sweep.train import BatchSampler, flow_matching_loss
+    from klein_sweep.training.loop import BatchSampler, flow_matching_loss
 
     batch = BatchSampler(data, cfg, device).next()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
@@ -100,7 +100,7 @@ def measure(transformer, params, data, cfg, device, steps: int, warmup: int) -> 
     """(seconds per optimizer step, peak GPU GiB) over `steps` after `warmup` steps."""
     import dataclasses
 
-    from klein_sweep.train import train_lora
+    from klein_sweep.training.loop import train_lora
 
     def run(n):
         train_lora(transformer, params, data, dataclasses.replace(cfg, steps=n), steps=n, device=device, progress=False)
@@ -130,7 +130,7 @@ def peak_tflops(args, device: str) -> float | None:
 def flops_only(args, resolutions) -> int:
     """The real architecture on the meta device: FLOPs per step, and the time they take at 100%
     and 50% of the peak. A floor to compare measured s/step with, not a measurement."""
-    from klein_sweep.lora import inject_lora
+    from klein_sweep.lora.adapters import inject_lora
 
     peak = args.peak_tflops or 989.0
     transformer, text_tokens = build_transformer(args.model, "meta")
@@ -148,7 +148,7 @@ def flops_only(args, resolutions) -> int:
 
 
 def main(argv=None) -> int:
-    from klein_sweep.lora import inject_lora
+    from klein_sweep.lora.adapters import inject_lora
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=["9b", "4b", "tiny"], default="9b")
@@ -173,7 +173,7 @@ def main(argv=None) -> int:
     transformer, text_tokens = build_transformer(args.model, device)
     n_params = sum(p.numel() for p in transformer.parameters())
     if args.quantize != "none":
-        from klein_sweep.models import quantize_transformer
+        from klein_sweep.models.loading import quantize_transformer
 
         quantize_transformer(transformer, args.quantize, device)
         if device == "cuda":

@@ -3,8 +3,10 @@
     python -m klein_sweep                              train + track one LoRA (the default config)
     python -m klein_sweep train.lr=2e-4 train.steps=1500
     python -m klein_sweep data.path=/my/images data.trigger=ohwx model=flux2_klein_base_9b data.resolution=1024
+    python -m klein_sweep --config-dir my_sweeps +sweep=my_sweep    your own sweep files beside the shipped ones
 
-The Hydra object stops here: below this file everything takes typed settings.
+The configs ship inside the package (klein_sweep/conf), so an installed wheel runs from any
+folder. The Hydra object stops here: below this file everything takes typed settings.
 """
 
 from __future__ import annotations
@@ -16,15 +18,17 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from klein_sweep.config import CONF_DIR, Settings, build_settings, register_resolvers
+from klein_sweep.config import Settings, build_settings, register_resolvers
 from klein_sweep.errors import KleinSweepError
+from klein_sweep.redaction import redact
 
 log = logging.getLogger("klein_sweep")
 
 register_resolvers()
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+# config_path is relative to this file: the conf/ folder inside the installed package.
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     try:
         resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -40,13 +44,15 @@ def main(cfg: DictConfig) -> None:
             run_single_trial(settings, OmegaConf.to_yaml(cfg, resolve=True))
     except KleinSweepError as exc:
         # One clear line and a non-zero exit; SystemExit passes through Hydra untouched.
-        print(f"klein_sweep: error: {exc}", file=sys.stderr)
+        print(f"klein_sweep: error: {redact(str(exc))}", file=sys.stderr)
         sys.exit(2)
 
 
 def run_single_trial(settings: Settings, resolved_yaml: str) -> None:
-    from klein_sweep.trial import default_run_name, prepare_model, resolve_plan, run_training
+    from klein_sweep.preflight import check_settings
+    from klein_sweep.training.trial import default_run_name, prepare_model, resolve_plan, run_training
 
+    check_settings(settings)  # before the model loads or anything is written
     plan = resolve_plan(settings)
     log.info(
         "%d images, %d steps, %.1f repeats per image (batch %d x grad_accum %d)",
@@ -59,7 +65,7 @@ def run_single_trial(settings: Settings, resolved_yaml: str) -> None:
     out = Path(settings.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "config.yaml"
-    config_path.write_text(resolved_yaml)
+    config_path.write_text(redact(resolved_yaml))  # the artifact never carries a password
 
     tracker = open_tracker(settings, settings.tracking.run_name or default_run_name(plan))
     status = "FAILED"
@@ -79,13 +85,13 @@ def run_single_trial(settings: Settings, resolved_yaml: str) -> None:
         print(f"ComfyUI / ai-toolkit LoRA: {outcome.lora_path.with_name('klein_lora_comfyui.safetensors')}")
     if outcome.run_description:
         print(f"MLflow {outcome.run_description}; artifacts: config.yaml, lora/ (diffusers + ComfyUI files)")
-        print("browse with: mlflow ui --backend-store-uri " + settings.tracking.uri)
+        print("browse with: mlflow ui --backend-store-uri " + redact(settings.tracking.uri))
 
 
 def run_sweep_command(settings: Settings, resolved: dict) -> None:
     from klein_sweep.errors import ConfigError
-    from klein_sweep.sweep import plan_sweep, redact
-    from klein_sweep.sweep_run import run_sweep
+    from klein_sweep.sweep.plan import plan_sweep
+    from klein_sweep.sweep.worker import run_sweep
 
     if not settings.eval.enabled and settings.sweep.objective.startswith("eval/"):
         raise ConfigError("eval.enabled", False, f"true: the sweep's objective {settings.sweep.objective} is measured at checkpoints (eval=default)")
@@ -102,7 +108,7 @@ def run_sweep_command(settings: Settings, resolved: dict) -> None:
     print(f"sweep {plan.study_name}: this worker ran {len(summary.ran)} trials, {len(summary.failed)} failed")
     print(f"report: {summary.report_dir / 'report.md'} and {summary.report_dir / 'heatmaps.png'}")
     if summary.parent_run_id:
-        print(f"MLflow experiment '{plan.study_name}', parent run {summary.parent_run_id}; browse with: mlflow ui --backend-store-uri {settings.tracking.uri}")
+        print(f"MLflow experiment '{plan.study_name}', parent run {summary.parent_run_id}; browse with: mlflow ui --backend-store-uri {redact(settings.tracking.uri)}")
 
 
 def open_tracker(settings: Settings, run_name: str):

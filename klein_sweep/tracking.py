@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from klein_sweep.errors import KleinSweepError
+from klein_sweep.redaction import redact
 
 PARENT_RUN_TAG = "mlflow.parentRunId"
 SERVER_DOC = "docs/multi_worker.md"
@@ -41,7 +42,7 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     except OSError as exc:
         reason = str(getattr(exc, "reason", exc))
     raise TrackingError(
-        f"tracking.uri: no MLflow server answers at {uri} ({reason}). Start one "
+        f"tracking.uri: no MLflow server answers at {redact(uri)} ({redact(reason)}). Start one "
         f"(see {SERVER_DOC}: mlflow server --backend-store-uri postgresql://... --host 127.0.0.1 --port 5000) "
         "or track to a local file with tracking.uri=sqlite:///mlflow.db"
     )
@@ -114,7 +115,7 @@ class MlflowTracker:
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=uri)
-        run_tags = {k: str(v) for k, v in (tags or {}).items()}
+        run_tags = {k: redact(str(v)) for k, v in (tags or {}).items()}
         if parent_run_id:
             run_tags[PARENT_RUN_TAG] = parent_run_id
         with _tracking_errors(uri, "creating a run"):
@@ -159,7 +160,7 @@ class MlflowTracker:
         from mlflow.entities import RunTag
 
         with self._guard("setting tags"):
-            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+            self.client.log_batch(self.run_id, tags=[RunTag(k, redact(str(v))) for k, v in tags.items()])
 
     def log_artifact(self, local_path, artifact_path=None):
         with self._guard(f"uploading {Path(local_path).name}"):
@@ -171,7 +172,7 @@ class MlflowTracker:
             self.client.set_terminated(self.run_id, status=status)
 
     def describe(self) -> str:
-        return f"run {self.run_id} (experiment id {self.experiment_id}) at {self.client.tracking_uri}"
+        return f"run {self.run_id} (experiment id {self.experiment_id}) at {redact(self.client.tracking_uri)}"
 
 
 def get_or_create_experiment(client, name: str) -> str:
@@ -197,9 +198,9 @@ def _tracking_errors(uri: str, what: str):
         raise
     except Exception as exc:
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-        raise TrackingError(f"tracking: MLflow at {uri} failed while {what}: {exc.__class__.__name__}: {first}") from exc
+        raise TrackingError(f"tracking: MLflow at {redact(uri)} failed while {what}: {exc.__class__.__name__}: {redact(first)}") from exc
 
 
 def _param_value(value: Any) -> str:
-    text = "null" if value is None else str(value)
+    text = "null" if value is None else redact(str(value))  # a URI param never carries its password
     return text if len(text) <= 6000 else text[:5997] + "..."

@@ -34,7 +34,7 @@ def tiny_data(tmp_path) -> Path:
 
 @pytest.fixture
 def tiny_pipe():
-    from klein_sweep.tiny_model import build_tiny_pipeline
+    from klein_sweep.models.tiny import build_tiny_pipeline
 
     pipe = build_tiny_pipeline(seed=0)
     for part in (pipe.transformer, pipe.vae, pipe.text_encoder):

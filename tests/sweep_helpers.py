@@ -43,7 +43,7 @@ def load_study(folder: Path):
 def completed_cells(study) -> list[str]:
     from optuna.trial import TrialState
 
-    from klein_sweep.sweep import cell_key
+    from klein_sweep.sweep.plan import cell_key
 
     return sorted(cell_key(t.user_attrs["cell"]) for t in study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
@@ -54,7 +54,7 @@ def compose_plan(overrides: list[str]):
     from omegaconf import OmegaConf
 
     from klein_sweep.config import CONF_DIR, build_settings, register_resolvers
-    from klein_sweep.sweep import plan_sweep
+    from klein_sweep.sweep.plan import plan_sweep
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

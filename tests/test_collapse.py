@@ -2,28 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
-from klein_sweep.collapse import Thresholds, best_checkpoint, classify, first_collapse_step, fit_boundary
+from klein_sweep.config import CollapseThresholds
+from klein_sweep.evaluation.collapse import best_checkpoint, classify, first_collapse_step, fit_boundary
+from klein_sweep.record import BaseStats, CheckpointRow
 
-BASE = {"id_sim": 0.50, "leak": 0.40, "degenerate": 0.0}
-TH = Thresholds()
+BASE = BaseStats(id_sim=0.50, leak=0.40, degenerate=0.0)
+TH = CollapseThresholds()
 
 
-def row(step, id_sim, kid=0.05, prior_kid=0.01, leak=0.40, loss=0.5, **kw):
-    return {"step": step, "id_sim": id_sim, "kid": kid, "prior_kid": prior_kid, "leak": leak, "loss": loss,
-            "lora_norm": 1.0, "sample_sim": 0.6, "nan_frac": 0.0, "flat_frac": 0.0, "noise_frac": 0.0, **kw}
+def row(step, id_sim, kid=0.05, prior_kid=0.01, leak=0.40, loss=0.5, lora_norm=1.0, **kw):
+    metrics = {"id_sim": id_sim, "kid": kid, "prior_kid": prior_kid, "leak": leak, "sample_sim": 0.6,
+               "nan_frac": 0.0, "flat_frac": 0.0, "noise_frac": 0.0, **kw}
+    return CheckpointRow(step=step, loss=loss, lora_norm=lora_norm, metrics=metrics)
 
 
 def states(rows):
-    return [r["state"] for r in classify(rows, BASE, TH)]
+    return [r.state for r in classify(rows, BASE, TH)]
 
 
 def test_steadily_improving_run():
     rows = [row(s, 0.5 + 0.05 * i, kid=0.06 - 0.005 * i) for i, s in enumerate([250, 500, 750, 1000])]
     assert states(rows) == ["underfit", "good", "good", "good"]
     assert first_collapse_step(classify(rows, BASE, TH)) is None
-    assert best_checkpoint(classify(rows, BASE, TH), "id_sim", "maximize")["step"] == 1000
+    assert best_checkpoint(classify(rows, BASE, TH), "id_sim", "maximize").step == 1000
 
 
 def test_flat_run_stays_underfit():
@@ -33,29 +37,29 @@ def test_flat_run_stays_underfit():
 def test_peak_then_drop_collapses_and_stays_collapsed():
     rows = [row(500, 0.70), row(1000, 0.80), row(1500, 0.65), row(2000, 0.79)]
     out = classify(rows, BASE, TH)
-    assert [r["state"] for r in out] == ["good", "good", "collapsed", "collapsed"]  # sticky
-    assert "fell" in out[2]["reason"] and first_collapse_step(out) == 1500
-    assert best_checkpoint(out, "id_sim", "maximize")["step"] == 1000
+    assert [r.state for r in out] == ["good", "good", "collapsed", "collapsed"]  # sticky
+    assert "fell" in out[2].reason and first_collapse_step(out) == 1500
+    assert best_checkpoint(out, "id_sim", "maximize").step == 1000
 
 
 def test_nan_run():
     rows = [row(500, 0.7), row(1000, 0.7, loss=float("nan"))]
     out = classify(rows, BASE, TH)
-    assert [r["state"] for r in out] == ["good", "collapsed"] and "non-finite loss" in out[1]["reason"]
-    assert classify([{"step": 3, "loss": math.inf}], BASE, TH)[0]["state"] == "collapsed"
+    assert [r.state for r in out] == ["good", "collapsed"] and "non-finite loss" in out[1].reason
+    assert classify([CheckpointRow(step=3, loss=math.inf)], BASE, TH)[0].state == "collapsed"
 
 
 def test_prior_kid_leak_degenerate_and_overfit():
     prior = classify([row(1, 0.7, prior_kid=0.01), row(2, 0.7, prior_kid=0.2)], BASE, TH)
-    assert prior[1]["state"] == "collapsed" and "prior KID" in prior[1]["reason"]
+    assert prior[1].state == "collapsed" and "prior KID" in prior[1].reason
     leak = classify([row(1, 0.7, leak=0.60)], BASE, TH)
-    assert leak[0]["state"] == "collapsed" and "leak" in leak[0]["reason"]
+    assert leak[0].state == "collapsed" and "leak" in leak[0].reason
     noisy = classify([row(1, 0.7, noise_frac=0.75)], BASE, TH)
-    assert noisy[0]["state"] == "collapsed"
+    assert noisy[0].state == "collapsed"
     # a base model that already makes noise does not count against the LoRA
-    assert classify([row(1, 0.7, noise_frac=0.75)], {**BASE, "degenerate": 0.75}, TH)[0]["state"] == "good"
+    assert classify([row(1, 0.7, noise_frac=0.75)], dataclasses.replace(BASE, degenerate=0.75), TH)[0].state == "good"
     kid = classify([row(1, 0.7, kid=0.01), row(2, 0.7, kid=0.05)], BASE, TH)
-    assert kid[1]["state"] == "collapsed" and "KID" in kid[1]["reason"]
+    assert kid[1].state == "collapsed" and "KID" in kid[1].reason
     assert states([row(1, 0.8, sample_sim=0.99)]) == ["overfit"]
 
 

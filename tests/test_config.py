@@ -49,7 +49,7 @@ def test_no_import_of_heavy_libraries_when_composing():
         "from klein_sweep.config import CONF_DIR, build_settings, register_resolvers; register_resolvers();"
         "initialize_config_dir(config_dir=str(CONF_DIR), version_base='1.3');"
         "build_settings(OmegaConf.to_container(compose('config'), resolve=True));"
-        "import klein_sweep.trial, klein_sweep.tracking;"
+        "import klein_sweep.training.trial, klein_sweep.tracking;"
         "print([m for m in ('diffusers', 'mlflow', 'torch', 'optuna') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from klein_sweep.config import DataConfig
-from klein_sweep.data import load_examples, load_image, repeats_per_image, steps_for_repeats
+from klein_sweep.data.folder import load_examples, load_image, repeats_per_image, steps_for_repeats
 from klein_sweep.errors import DataError
 
 
@@ -22,7 +22,7 @@ def test_captions_trigger_and_default(tiny_data):
 
 
 def test_repeats_rule():
-    # FIELD_NOTES' example: N=55, 100 repeats -> 5500 steps at GA 1, 1375 at GA 4
+    # The trainers' rule of thumb, as guides state it: N=55, 100 repeats -> 5500 steps at GA 1, 1375 at GA 4
     assert steps_for_repeats(100, 55, 1, 1) == 5500
     assert steps_for_repeats(100, 55, 1, 4) == 1375
     assert steps_for_repeats(10, 3, 2, 2) == 8  # ceil(7.5)

@@ -11,8 +11,8 @@ from conftest import run_cli
 def test_every_checkpoint_is_also_evaluated_on_the_distilled_model(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from klein_sweep.sweep import open_study
-    from klein_sweep.sweep_run import run_sweep
+    from klein_sweep.sweep.study import open_study
+    from klein_sweep.sweep.worker import run_sweep
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # The tiny model has no distilled sibling: it stands in for itself (distilled recipe, same weights), so the

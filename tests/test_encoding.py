@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from klein_sweep.config import DataConfig
-from klein_sweep.data import load_examples
-from klein_sweep.encoding import EncodingCache, EncodingKey, encode_data, release_text_encoder, release_vae_encoder
-from klein_sweep.tiny_model import TINY_MAX_SEQUENCE_LENGTH, TINY_TEXT_LAYERS
+from klein_sweep.data.folder import load_examples
+from klein_sweep.data.encoding import EncodingCache, EncodingKey, encode_data, release_text_encoder, release_vae_encoder
+from klein_sweep.models.tiny import TINY_MAX_SEQUENCE_LENGTH, TINY_TEXT_LAYERS
 
 
 def key(**kw):

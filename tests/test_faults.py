@@ -22,7 +22,7 @@ def tiny_plan(tmp_path: Path, *extra: str):
 
 def fault_in_first_trial(monkeypatch, fault):
     """Wrap the training loss so that its 3rd call (step 3 of the first trial) meets `fault`."""
-    import klein_sweep.train as train
+    import klein_sweep.training.loop as train
 
     real, calls = train.flow_matching_loss, {"n": 0}
 
@@ -34,9 +34,9 @@ def fault_in_first_trial(monkeypatch, fault):
 
 
 def test_cuda_oom_fails_the_trial_with_its_reason_frees_it_and_the_study_goes_on(tmp_path, monkeypatch):
-    import klein_sweep.train as train
-    from klein_sweep.sweep import open_study
-    from klein_sweep.sweep_run import run_sweep
+    import klein_sweep.training.loop as train
+    from klein_sweep.sweep.study import open_study
+    from klein_sweep.sweep.worker import run_sweep
 
     def oom(_loss):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
@@ -61,8 +61,8 @@ def test_cuda_oom_fails_the_trial_with_its_reason_frees_it_and_the_study_goes_on
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_loss_is_a_collapsed_data_point_not_a_crash(tmp_path, monkeypatch, bad):
-    from klein_sweep.sweep import open_study
-    from klein_sweep.sweep_run import run_sweep
+    from klein_sweep.sweep.study import open_study
+    from klein_sweep.sweep.worker import run_sweep
 
     fault_in_first_trial(monkeypatch, lambda loss: loss * bad)
     plan = tiny_plan(tmp_path)
@@ -90,8 +90,8 @@ def test_disk_full_during_a_lora_write_leaves_no_corrupt_file(tmp_path, monkeypa
     import safetensors.torch
     from safetensors import safe_open
 
-    from klein_sweep.sweep import open_study
-    from klein_sweep.sweep_run import run_sweep
+    from klein_sweep.sweep.study import open_study
+    from klein_sweep.sweep.worker import run_sweep
 
     real_save_file, saves = safetensors.torch.save_file, {"n": 0}
 
@@ -118,8 +118,8 @@ def test_disk_full_during_a_lora_write_leaves_no_corrupt_file(tmp_path, monkeypa
 
 def test_disk_full_during_a_report_write_keeps_the_previous_report(tmp_path, monkeypatch):
     from klein_sweep.report import write_report
-    from klein_sweep.sweep import open_study
-    from klein_sweep.sweep_run import run_sweep
+    from klein_sweep.sweep.study import open_study
+    from klein_sweep.sweep.worker import run_sweep
 
     plan = tiny_plan(tmp_path)
     run_sweep(plan, progress=False)

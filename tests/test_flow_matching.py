@@ -1,6 +1,6 @@
 import torch
 
-from klein_sweep import flow_matching as fm
+from klein_sweep.training import flow_matching as fm
 
 
 def test_noise_endpoints_and_target_is_velocity():

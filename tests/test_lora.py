@@ -9,8 +9,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from klein_sweep.lora import LORA_WEIGHT_NAME, inject_lora, lora_weight_norm, resolve_targets, save_lora
-from klein_sweep.tiny_model import TINY_MAX_SEQUENCE_LENGTH, TINY_TEXT_LAYERS, build_tiny_pipeline
+from klein_sweep.lora.adapters import inject_lora, lora_weight_norm, resolve_targets
+from klein_sweep.lora.io import LORA_WEIGHT_NAME, save_lora
+from klein_sweep.models.tiny import TINY_MAX_SEQUENCE_LENGTH, TINY_TEXT_LAYERS, build_tiny_pipeline
 
 
 def test_attn_preset_matches_diffusers_script_and_avoids_modulelist(tiny_pipe):

@@ -10,10 +10,10 @@ import pytest
 from test_lora import trained_like
 
 from conftest import REPO
-from klein_sweep.lora import save_lora
-from klein_sweep.lora_compat import LoraMismatchError, check_lora_fits, load_checked_lora
-from klein_sweep.lora_export import export_comfyui
-from klein_sweep.tiny_model import build_tiny_pipeline
+from klein_sweep.lora.io import save_lora
+from klein_sweep.lora.compat import LoraMismatchError, check_lora_fits, load_checked_lora
+from klein_sweep.lora.export import export_comfyui
+from klein_sweep.models.tiny import build_tiny_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def tiny_lora(tmp_path_factory):
 
 
 def lora_check(*args):
-    return subprocess.run([sys.executable, "-m", "klein_sweep.lora_check", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "klein_sweep.lora.check", *args], capture_output=True, text=True,
                           cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
 
 
@@ -37,7 +37,7 @@ def test_a_lora_fits_its_own_model_in_both_layouts(tiny_lora):
 def test_a_lora_from_another_model_lists_its_mismatches_and_loads_nothing(tiny_lora):
     from diffusers import Flux2KleinPipeline
 
-    from klein_sweep.models import MINI_PIPELINE_DIR
+    from klein_sweep.models.loading import MINI_PIPELINE_DIR
 
     mini = Flux2KleinPipeline.from_pretrained(MINI_PIPELINE_DIR, local_files_only=True)
     with pytest.raises(LoraMismatchError) as err:

@@ -8,9 +8,9 @@ import torch
 from safetensors import safe_open
 from test_lora import sample, trained_like
 
-from klein_sweep.lora import save_lora
-from klein_sweep.lora_export import EXPORT_WEIGHT_NAME, export_comfyui, read_diffusers_lora
-from klein_sweep.tiny_model import build_tiny_pipeline
+from klein_sweep.lora.io import save_lora
+from klein_sweep.lora.export import EXPORT_WEIGHT_NAME, export_comfyui, read_diffusers_lora
+from klein_sweep.models.tiny import build_tiny_pipeline
 
 
 def deltas(pairs: dict, scale_of) -> dict[str, torch.Tensor]:
@@ -21,7 +21,7 @@ def deltas(pairs: dict, scale_of) -> dict[str, torch.Tensor]:
 def test_export_round_trips_through_the_diffusers_converter(tmp_path, preset, rank, alpha):
     from diffusers import Flux2KleinPipeline
 
-    from klein_sweep.lora_export import module_scale
+    from klein_sweep.lora.export import module_scale
 
     pipe = build_tiny_pipeline(seed=0)
     trained_like(pipe, rank, alpha, preset=preset)
@@ -54,7 +54,7 @@ def test_export_round_trips_through_the_diffusers_converter(tmp_path, preset, ra
 
 
 def test_a_module_without_counterpart_is_named(tmp_path):
-    from klein_sweep.lora_export import to_original_layout
+    from klein_sweep.lora.export import to_original_layout
 
     with pytest.raises(ValueError, match="norm_out.linear: no counterpart"):
         to_original_layout({"norm_out.linear": (torch.zeros(2, 4), torch.zeros(4, 2))}, {})

@@ -8,8 +8,8 @@ import torch
 from sweep_helpers import COMMON, compose_plan
 from test_lora import sample, trained_like
 
-from klein_sweep.lora import lora_strength
-from klein_sweep.tiny_model import build_tiny_pipeline
+from klein_sweep.lora.adapters import lora_strength
+from klein_sweep.models.tiny import build_tiny_pipeline
 
 
 def test_strength_scales_the_adapter_and_is_restored():
@@ -30,8 +30,8 @@ def test_strength_scales_the_adapter_and_is_restored():
 def test_sweep_evaluates_every_checkpoint_at_each_strength(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from klein_sweep.sweep import open_study
-    from klein_sweep.sweep_run import run_sweep
+    from klein_sweep.sweep.study import open_study
+    from klein_sweep.sweep.worker import run_sweep
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     plan = compose_plan(["+sweep=lr_vs_steps", *COMMON, "sweep.params.train.lr.values=[1e-3]",
@@ -51,14 +51,17 @@ def test_sweep_evaluates_every_checkpoint_at_each_strength(tmp_path):
 
 
 def test_report_shows_collapsed_checkpoints_at_other_strengths():
-    from klein_sweep.report import SweepResults, TrialResult, strength_section
+    from klein_sweep.record import CheckpointRow, Judged, TrialRecord
+    from klein_sweep.report.markdown import strength_section
+    from klein_sweep.report.results import SweepResults, TrialResult
 
     rows = [
-        {"step": 500, "id_sim": 0.8, "state": "good", "scales": {"0.5": {"id_sim": 0.6, "state": "good"}}},
-        {"step": 1000, "id_sim": 0.4, "state": "collapsed", "reason": "identity dropped",
-         "scales": {"0.5": {"id_sim": 0.7, "state": "good"}}},
+        CheckpointRow(step=500, metrics={"id_sim": 0.8}, state="good", scales={"0.5": Judged({"id_sim": 0.6}, "good")}),
+        CheckpointRow(step=1000, metrics={"id_sim": 0.4}, state="collapsed", reason="identity dropped",
+                      scales={"0.5": Judged({"id_sim": 0.7}, "good")}),
     ]
-    results = SweepResults("s", {}, [TrialResult(0, {"train.lr": 4e-4}, rows, 1000, 1000, 500, "collapsed")], [])
+    record = TrialRecord(state="collapsed", steps=1000, rows=rows, collapse_step=1000, best_step=500)
+    results = SweepResults("s", None, [TrialResult(0, {"train.lr": 4e-4}, record)], [])
     text = "\n".join(strength_section(results))
     assert "| 1000 | 0.4 / collapsed | 0.7 / good |" in text
     assert "1 of 1 collapsed checkpoints are not collapsed at some lower or higher strength" in text

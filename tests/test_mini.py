@@ -45,7 +45,7 @@ def features():
 
 
 def images_of(folder):
-    from klein_sweep.data import load_examples, load_image
+    from klein_sweep.data.folder import load_examples, load_image
 
     return torch.stack([(load_image(e.image_path, 32) + 1) / 2 for e in load_examples(DataConfig(path=str(folder), resolution=32))])
 
@@ -60,7 +60,7 @@ def test_feature_network_reads_attributes(features):
 
 
 def test_feature_network_separates_identities(features):
-    from klein_sweep.metrics import identity_similarity
+    from klein_sweep.evaluation.metrics import identity_similarity
 
     a, b = images_of(ASSETS_DIR / "mini_character"), images_of(ASSETS_DIR / "mini_character_b")
     same = identity_similarity(features, a[:10], a[10:])
@@ -70,7 +70,7 @@ def test_feature_network_separates_identities(features):
 
 @pytest.fixture(scope="module")
 def mini_pipe():
-    from klein_sweep.models import load_pipeline, pick_runtime
+    from klein_sweep.models.loading import load_pipeline, pick_runtime
 
     os.environ["HF_HUB_OFFLINE"] = "1"
     cfg = ModelConfig(name="mini", kind="mini", dtype="float32", text_encoder_layers=[1, 2, 3], max_sequence_length=40, sample_steps=20)
@@ -94,20 +94,15 @@ def test_shipped_pipeline_loads_offline_and_draws_what_it_is_asked(mini_pipe, fe
 
 def train_and_evaluate(tmp_path, lr: float, steps: int, every: int):
     """One mini LoRA trial with checkpoint evaluation, as a sweep runs it: (rows, base)."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+    from klein_sweep.config import build_settings, compose_config
+    from klein_sweep.evaluation.collapse import classify
+    from klein_sweep.evaluation.evaluator import CheckpointEvaluator, eval_prompts
+    from klein_sweep.record import CheckpointRow
+    from klein_sweep.training.trial import prepare_model, resolve_plan, run_training
 
-    from klein_sweep.collapse import Thresholds, classify
-    from klein_sweep.config import CONF_DIR, build_settings, register_resolvers
-    from klein_sweep.evaluation import CheckpointEvaluator, eval_prompts
-    from klein_sweep.trial import prepare_model, resolve_plan, run_training
-
-    register_resolvers()
     overrides = ["eval=default", f"train.lr={lr}", f"train.steps={steps}", f"train.checkpoint_every={every}",
                  f"data.cache_dir={tmp_path / 'cache'}", "tracking=none"]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
-    settings = build_settings(cfg, output_dir=str(tmp_path / "out"))
+    settings = build_settings(compose_config(overrides), output_dir=str(tmp_path / "out"))
     plan = resolve_plan(settings)
     trigger, prior = eval_prompts(settings)
     prepared = prepare_model(plan, extra_prompts=trigger + prior)
@@ -117,23 +112,22 @@ def train_and_evaluate(tmp_path, lr: float, steps: int, every: int):
 
     def evaluate(event, model):
         row, _ = evaluator.evaluate()
-        rows.append({"step": event.step, "loss": event.loss, **row})
+        rows.append(CheckpointRow(step=event.step, loss=event.loss, metrics=row))
         return {}, False
 
     from klein_sweep.tracking import NullTracker
 
     run_training(plan, prepared, NullTracker(), evaluate=evaluate, progress=False)
-    base_row = {"id_sim": base.id_sim, "leak": base.leak, "degenerate": base.degenerate}
-    return classify(rows, base_row, Thresholds.from_eval(settings.eval)), base_row
+    return classify(rows, base.stats(), settings.eval), base.stats()
 
 
 def test_short_lora_at_a_sane_lr_raises_identity_over_the_base(tmp_path):
     rows, base = train_and_evaluate(tmp_path, lr=1e-3, steps=300, every=300)
-    assert rows[-1]["state"] != "collapsed", rows[-1]
+    assert rows[-1].state != "collapsed", rows[-1]
     # the base draws random creatures for "a sks creature"; the LoRA draws the teal dotted star
-    assert rows[-1]["id_sim"] > base["id_sim"] + 0.1, (rows[-1]["id_sim"], base["id_sim"])
+    assert rows[-1].value("id_sim") > base.id_sim + 0.1, (rows[-1].value("id_sim"), base.id_sim)
 
 
 def test_absurd_lr_is_flagged_collapsed(tmp_path):
     rows, base = train_and_evaluate(tmp_path, lr=1e-2, steps=300, every=100)
-    assert any(r["state"] == "collapsed" for r in rows), [(r["step"], r.get("reason")) for r in rows]
+    assert any(r.state == "collapsed" for r in rows), [(r.step, r.reason) for r in rows]

@@ -18,8 +18,8 @@ def test_int8_base_trains_a_lora_that_loads_into_the_unquantized_model(tmp_path)
     lora = Path(proc.stdout.split("LoRA: ")[1].splitlines()[0])
     assert "final loss" in proc.stdout and "nan" not in proc.stdout.split("final loss")[1]
 
-    from klein_sweep.lora_compat import load_checked_lora
-    from klein_sweep.tiny_model import build_tiny_pipeline
+    from klein_sweep.lora.compat import load_checked_lora
+    from klein_sweep.models.tiny import build_tiny_pipeline
 
     plain = build_tiny_pipeline(seed=0)
     load_checked_lora(plain, lora, "tiny")
@@ -29,9 +29,9 @@ def test_int8_base_trains_a_lora_that_loads_into_the_unquantized_model(tmp_path)
 def test_quantized_layers_carry_the_lora_and_get_gradients():
     import torch
 
-    from klein_sweep.lora import inject_lora
-    from klein_sweep.models import quantize_transformer
-    from klein_sweep.tiny_model import build_tiny_pipeline
+    from klein_sweep.lora.adapters import inject_lora
+    from klein_sweep.models.loading import quantize_transformer
+    from klein_sweep.models.tiny import build_tiny_pipeline
 
     transformer = build_tiny_pipeline(seed=0).transformer.requires_grad_(False)
     quantize_transformer(transformer, "int8", "cpu")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import run_cli
-from klein_sweep.real_networks import ClipFeatures, Dinov2Features, load_real_network
+from klein_sweep.evaluation.real_networks import ClipFeatures, Dinov2Features, load_real_network
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def local_dinov2(tmp_path_factory):
 def local_clip(tmp_path_factory):
     from transformers import CLIPConfig, CLIPModel
 
-    from klein_sweep.tiny_model import TINY_WORDS, build_tokenizer
+    from klein_sweep.models.tiny import TINY_WORDS, build_tokenizer
 
     folder = tmp_path_factory.mktemp("clip")
     tokenizer = build_tokenizer(TINY_WORDS + ["red", "blue", "circle", "square", "creature", "sky", "background", "a", "on"])
@@ -50,7 +50,7 @@ def images(n=4, seed=0):
 
 
 def test_dinov2_embeds_and_identity_is_a_cosine(local_dinov2, monkeypatch):
-    from klein_sweep import metrics as M
+    from klein_sweep.evaluation import metrics as M
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     net = load_real_network("dinov2", {"dinov2": str(local_dinov2)})
@@ -96,8 +96,8 @@ def test_missing_network_weights_stop_the_sweep_before_anything_is_written(tmp_p
 def test_a_sweep_measures_identity_with_dinov2_and_clip_t(tmp_path, local_dinov2, local_clip):
     from sweep_helpers import COMMON, compose_plan
 
-    from klein_sweep.sweep import open_study
-    from klein_sweep.sweep_run import run_sweep
+    from klein_sweep.sweep.study import open_study
+    from klein_sweep.sweep.worker import run_sweep
 
     plan = compose_plan(["+sweep=lr_vs_steps", *COMMON, "sweep.params.train.lr.values=[1e-3]",
                          "sweep.params.train.steps.values=[2]", "eval.identity_network=dinov2", "eval.prompt_fidelity=true",

@@ -7,8 +7,8 @@ import torch
 from sweep_helpers import COMMON, compose_plan
 from test_lora import sample, trained_like
 
-from klein_sweep.lora import lora_snapshot, restore_lora
-from klein_sweep.tiny_model import build_tiny_pipeline
+from klein_sweep.lora.adapters import lora_snapshot, restore_lora
+from klein_sweep.models.tiny import build_tiny_pipeline
 
 
 def test_a_snapshot_restores_the_lora_exactly():
@@ -27,8 +27,8 @@ def test_a_snapshot_restores_the_lora_exactly():
 def test_screened_sweep_evaluates_the_deciding_checkpoints_in_full(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from klein_sweep.sweep import open_study
-    from klein_sweep.sweep_run import run_sweep
+    from klein_sweep.sweep.study import open_study
+    from klein_sweep.sweep.worker import run_sweep
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     plan = compose_plan(["+sweep=lr_vs_steps", *COMMON, "eval.seeds=[0,1,2,3]", "eval.screening_seeds=[0,1]",

@@ -22,7 +22,7 @@ def test_200_trials_over_4_workers(tmp_path, postgres, mlflow_server):
     from mlflow.tracking import MlflowClient
     from optuna.trial import TrialState
 
-    from klein_sweep.sweep import cell_key
+    from klein_sweep.sweep.plan import cell_key
     from test_workers import study_at
 
     storage = postgres.create_database("soak")

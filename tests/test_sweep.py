@@ -135,7 +135,7 @@ def test_steps_are_checkpoints_only_when_the_schedule_allows(schedule, cells, ch
     from omegaconf import OmegaConf
 
     from klein_sweep.config import CONF_DIR, build_settings, register_resolvers
-    from klein_sweep.sweep import plan_sweep
+    from klein_sweep.sweep.plan import plan_sweep
 
     register_resolvers()
     overrides = ["+sweep=reproduce_2500_2e-4", f"train.lr_schedule={schedule}"]

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 
 from klein_sweep.config import DataConfig, TrainConfig
-from klein_sweep.data import load_examples
-from klein_sweep.encoding import EncodingCache, EncodingKey, encode_data
-from klein_sweep.lora import inject_lora
-from klein_sweep.tiny_model import TINY_MAX_SEQUENCE_LENGTH, TINY_TEXT_LAYERS, build_tiny_pipeline
+from klein_sweep.data.folder import load_examples
+from klein_sweep.data.encoding import EncodingCache, EncodingKey, encode_data
+from klein_sweep.lora.adapters import inject_lora
+from klein_sweep.models.tiny import TINY_MAX_SEQUENCE_LENGTH, TINY_TEXT_LAYERS, build_tiny_pipeline
 from klein_sweep.tracking import NullTracker
-from klein_sweep.train import Batch, checkpoint_schedule, flow_matching_loss, train_lora
+from klein_sweep.training.loop import Batch, checkpoint_schedule, flow_matching_loss, train_lora
 
 
 def setup(tiny_data, lr=1e-3, **train_kw):

@@ -81,7 +81,7 @@ def test_tpe_workers_share_one_budget_with_constant_liar(tmp_path, postgres):
     surplus = [t for t in study.get_trials() if t.user_attrs.get("surplus")]
     assert all(t.state == TrialState.FAIL and "checkpoints" not in t.user_attrs for t in surplus)
 
-    from klein_sweep.sweep import open_study
+    from klein_sweep.sweep.study import open_study
 
     plan = compose_plan(["+sweep=search", f"sweep.storage={storage}", "tracking=none", "model=tiny", "data=tiny_character"])
     assert open_study(plan, create=False).sampler._constant_liar is True
@@ -143,9 +143,10 @@ def test_workers_with_other_settings_than_the_prepared_study_are_refused(tmp_pat
     args = sweep_args("lr_vs_steps", tmp_path, f"sweep.storage={storage}", "tracking=none")
     assert run_cli(*args, "sweep.role=prepare", cwd=tmp_path).returncode == 0
     proc = run_cli(*args, "sweep.role=work", "train.rank=8", cwd=tmp_path)
-    assert proc.returncode == 2 and "differ" in proc.stderr
+    # the refusal names each differing key with both values
+    assert proc.returncode == 2 and "train.rank: study 16, this command 8" in proc.stderr, proc.stderr
     # A `run` with another grid is refused before it queues anything into the prepared study.
     queued = len(study_at(storage, "lr_vs_steps").get_trials())
     other = run_cli(*args, "sweep.params.train.lr.values=[3e-4]", cwd=tmp_path)
-    assert other.returncode == 2 and "differ" in other.stderr
+    assert other.returncode == 2 and "sweep.params: study" in other.stderr and "sweep.cells: study" in other.stderr, other.stderr
     assert len(study_at(storage, "lr_vs_steps").get_trials()) == queued

@@ -153,7 +153,7 @@ def build_pipeline(seed: int = 0) -> dict:
     from diffusers import AutoencoderKLFlux2
 
     from klein_sweep.mini.features import load_mini_features
-    from klein_sweep.sampling import image_grid
+    from klein_sweep.evaluation.sampling import image_grid
 
     vae = AutoencoderKLFlux2.from_pretrained(WEIGHTS_DIR / "vae_stage").eval()
     text_encoder, tokenizer = new_text_encoder_and_tokenizer(seed)
@@ -185,7 +185,7 @@ def new_text_encoder_and_tokenizer(seed: int = 0):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from klein_sweep.mini.world import vocabulary
-    from klein_sweep.tiny_model import build_tokenizer
+    from klein_sweep.models.tiny import build_tokenizer
 
     tokenizer = build_tokenizer(vocabulary())
     torch.manual_seed(seed + 10)
@@ -213,7 +213,7 @@ def new_transformer(seed: int = 0):
 def assemble_pipeline(vae, text_encoder, tokenizer, transformer):
     from diffusers import Flux2KleinPipeline
 
-    from klein_sweep.tiny_model import build_klein_scheduler
+    from klein_sweep.models.tiny import build_klein_scheduler
 
     return Flux2KleinPipeline(
         scheduler=build_klein_scheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
@@ -223,7 +223,7 @@ def assemble_pipeline(vae, text_encoder, tokenizer, transformer):
 @torch.no_grad()
 def encode_world(pipe, samples, batch: int = 256):
     """Latents (N, 16, 8, 8) and prompt embeddings (N, 40, 96) of (creature, caption) pairs."""
-    from klein_sweep.encoding import EncodingKey, text_encode, vae_encode
+    from klein_sweep.data.encoding import EncodingKey, text_encode, vae_encode
 
     key = EncodingKey("mini-build", 32, MINI_TEXT_LAYERS, MINI_MAX_SEQUENCE_LENGTH)
     lat, emb = [], []
@@ -238,7 +238,7 @@ def build_transformer(pipe, seed: int = 0, steps: int = 4000, batch: int = 32, n
     """Pre-train the transformer on world images and captions (rectified flow, logit-normal
     timesteps shifted towards noise as the sampler's schedule is, 10% caption dropout)."""
     from klein_sweep import flow_matching as fm
-    from klein_sweep.train import Batch, flow_matching_loss
+    from klein_sweep.training.loop import Batch, flow_matching_loss
 
     samples = world_samples(n_train, seed=seed + 5)
     latents, embeds, empty = encode_world(pipe, samples)
@@ -269,8 +269,8 @@ def build_transformer(pipe, seed: int = 0, steps: int = 4000, batch: int = 32, n
 @torch.no_grad()
 def measure_quality(pipe, features, n: int = 256, seed: int = 7) -> tuple[dict, torch.Tensor]:
     """Sample n held-out full captions; the feature network judges shape and colour."""
-    from klein_sweep.encoding import EncodingKey, text_encode
-    from klein_sweep.sampling import SampleRecipe, generate
+    from klein_sweep.data.encoding import EncodingKey, text_encode
+    from klein_sweep.evaluation.sampling import SampleRecipe, generate
 
     rng = random.Random(seed)
     from klein_sweep.mini.world import caption, sample_creature

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from klein_sweep.metrics import FeatureNetwork
+from klein_sweep.evaluation.feature_network import FeatureNetwork
 from klein_sweep.mini.world import ATTRIBUTES
 
 WEIGHTS = Path(__file__).resolve().parent / "weights" / "features.safetensors"

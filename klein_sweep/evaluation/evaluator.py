@@ -1,0 +1,137 @@
+"""Checkpoint evaluation: sample the fixed prompts x seeds with the LoRA, compare with the
+reference (training) images and with the base model's samples, return the metric row.
+
+The base model's samples are computed once (before any LoRA exists) and shared by every trial
+of a sweep that uses the same model, data and eval settings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from klein_sweep.config import Settings
+from klein_sweep.evaluation import metrics as M
+from klein_sweep.evaluation.networks import build_feature_network, resolve_networks
+from klein_sweep.evaluation.sampling import SampleRecipe, generate, image_grid
+from klein_sweep.record import BaseStats
+
+
+def eval_prompts(settings: Settings) -> tuple[list[str], list[str]]:
+    """(trigger prompts with the trigger filled in, prior prompts)."""
+    trigger = settings.data.trigger
+    return [p.replace("[trigger]", trigger) for p in settings.eval.trigger_prompts], list(settings.eval.prior_prompts)
+
+
+def sample_recipe(settings: Settings) -> SampleRecipe:
+    e, m = settings.eval, settings.model
+    return SampleRecipe(
+        steps=e.sample_steps or m.sample_steps,
+        guidance_scale=m.guidance_scale if e.guidance_scale is None else e.guidance_scale,
+        resolution=e.resolution or settings.data.resolution,
+        batch_size=e.batch_size,
+    )
+
+
+@dataclass
+class PromptSet:
+    embeds: torch.Tensor  # (N, L, D): each prompt repeated once per seed
+    seeds: list[int]
+
+
+@dataclass
+class BaseReference:
+    """What the base model (no LoRA) does on the eval prompts: the yardstick for underfit,
+    prior preservation and leak."""
+
+    trigger_images: torch.Tensor
+    prior_images: torch.Tensor
+    id_sim: float
+    leak: float
+    degenerate: float  # fraction of base samples that are flat, noise or non-finite
+    prior_kid_noise: float  # KID of the base against itself with other seeds: the noise floor
+
+    def stats(self) -> BaseStats:
+        """The numbers the collapse rules and the stored record need (no images)."""
+        return BaseStats(id_sim=self.id_sim, leak=self.leak, degenerate=self.degenerate, prior_kid_noise=self.prior_kid_noise)
+
+
+class CheckpointEvaluator:
+    def __init__(self, settings: Settings, pipe, encoded, examples):
+        from klein_sweep.data.folder import load_image
+
+        self.settings = settings
+        self.pipe = pipe
+        self.recipe = sample_recipe(settings)
+        e = settings.eval
+        feature, identity = resolve_networks(e, settings.model.kind)
+        self.net = build_feature_network(feature, e.network_paths)
+        self.id_net = self.net if identity is None else build_feature_network(identity, e.network_paths)
+        self.clip = None
+        if e.prompt_fidelity:
+            from klein_sweep.evaluation.real_networks import ClipFeatures
+
+            self.clip = self.id_net if isinstance(self.id_net, ClipFeatures) else build_feature_network("clip", e.network_paths)
+        trigger, prior = eval_prompts(settings)
+        seeds = [int(s) for s in settings.eval.seeds]
+        self.prior_prompts = [p for p in prior for _ in seeds]  # in the order the samples come
+        self.trigger = self._prompt_set(encoded, trigger, seeds)
+        self.prior = self._prompt_set(encoded, prior, seeds)
+        self.negative = encoded.empty_prompt_embeds
+        self.reference = torch.stack([(load_image(ex.image_path, self.recipe.resolution) + 1) / 2 for ex in examples])
+        self.n_seeds = len(seeds)
+        self.base: BaseReference | None = None
+
+    @staticmethod
+    def _prompt_set(encoded, prompts: list[str], seeds: list[int]) -> PromptSet:
+        embeds = torch.stack([encoded.extra_prompt_embeds[p] for p in prompts for _ in seeds])
+        return PromptSet(embeds=embeds, seeds=[s for _ in prompts for s in seeds])
+
+    def _sample(self, prompt_set: PromptSet) -> torch.Tensor:
+        return generate(self.pipe, prompt_set.embeds, self.negative, prompt_set.seeds, self.recipe)
+
+    def compute_base(self) -> BaseReference:
+        """Sample the base model. Call before a LoRA is injected (or with adapters disabled)."""
+        trig, prior = self._sample(self.trigger), self._sample(self.prior)
+        e = self.settings.eval
+        sanity = M.image_sanity(torch.cat([trig, prior]), e.flat_std, e.noise_level)
+        # The same prompts with other seeds: how far KID moves when nothing but the noise changes.
+        other_seeds = PromptSet(self.prior.embeds, [s + 1000 for s in self.prior.seeds])
+        noise_mean, noise_std = M.kid(self.net, prior, self._sample(other_seeds), e.kid_subset_size)
+        self.base = BaseReference(
+            trigger_images=trig,
+            prior_images=prior,
+            id_sim=M.identity_similarity(self.id_net, trig, self.reference),
+            leak=M.identity_similarity(self.id_net, prior, self.reference),
+            degenerate=sum(sanity.values()),
+            prior_kid_noise=abs(noise_mean) + 3 * noise_std,
+        )
+        return self.base
+
+    def evaluate(self) -> tuple[dict[str, float], "PIL.Image.Image"]:  # noqa: F821
+        """Metric row (keys without the `eval/` prefix) and a sample grid, for the pipeline's
+        current transformer (with its LoRA)."""
+        assert self.base is not None, "compute_base() first"
+        e = self.settings.eval
+        trig, prior = self._sample(self.trigger), self._sample(self.prior)
+        clean_trig = torch.nan_to_num(trig)
+        clean_prior = torch.nan_to_num(prior)
+        kid_mean, kid_std = M.kid(self.net, self.reference, clean_trig, e.kid_subset_size)
+        prior_kid, _ = M.kid(self.net, self.base.prior_images, clean_prior, e.kid_subset_size)
+        sanity = M.image_sanity(torch.cat([trig, prior]), e.flat_std, e.noise_level)
+        row = {
+            "id_sim": M.identity_similarity(self.id_net, clean_trig, self.reference),
+            "kid": kid_mean,
+            "kid_std": kid_std,
+            "fid": M.fid(self.net, self.reference, clean_trig),
+            "is": M.inception_score(self.net, clean_trig),
+            "prior_kid": prior_kid,
+            "leak": M.identity_similarity(self.id_net, clean_prior, self.reference),
+            "sample_sim": M.mean_pairwise_similarity(self.id_net, clean_trig),
+            **sanity,
+        }
+        if self.clip is not None:
+            row["clip_t"] = self.clip.text_similarity(clean_prior, self.prior_prompts)
+        grid = image_grid(torch.cat([clean_trig, clean_prior]), ncol=self.n_seeds * 2)
+        return row, grid

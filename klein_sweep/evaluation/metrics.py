@@ -1,0 +1,112 @@
+"""Image-quality and identity metrics over tensors. KID is the primary distribution metric at
+LoRA scale (unbiased at small N); FID and IS are logged as indicative (FID is biased below
+thousands of samples).
+
+Every metric takes images (N, 3, H, W) in [0, 1] and a `FeatureNetwork`: swapping the network
+(a random conv net for the tiny model, the mini world's own net, Inception, DINOv2...) changes
+nothing else.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from klein_sweep.evaluation.feature_network import FeatureNetwork
+
+# torchmetrics warns that it keeps features in memory: at a few hundred samples that is the point.
+warnings.filterwarnings("ignore", message=".*will save all extracted features in buffer.*")
+warnings.filterwarnings("ignore", message=".*degrees of freedom is <= 0.*")
+
+
+class _Embedder(torch.nn.Module):
+    """Adapts a FeatureNetwork to torchmetrics' `feature=` argument."""
+
+    def __init__(self, net: FeatureNetwork, logits: bool = False):
+        super().__init__()
+        self.net, self.use_logits = net, logits
+        self.num_features = net.num_features
+
+    def forward(self, images):
+        out = self.net.logits(images) if self.use_logits else self.net.embed(images)
+        return out.double() if not self.use_logits else out
+
+
+def kid(net: FeatureNetwork, real: torch.Tensor, fake: torch.Tensor, subset_size: int | None = None, subsets: int = 50) -> tuple[float, float]:
+    """Kernel Inception Distance (mean, std over random subsets). The default subset size is half
+    the smaller set: every subset differs, so the std says how noisy the mean is."""
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    size = subset_size or min(len(real), len(fake)) // 2
+    size = max(2, min(size, len(real), len(fake)))
+    metric = KernelInceptionDistance(feature=_Embedder(net), subsets=subsets, subset_size=size, normalize=True)
+    metric.update(real, real=True)
+    metric.update(fake, real=False)
+    # The subset draws use torch's global RNG: the same draws at every checkpoint, on a forked
+    # RNG, so training's own random stream (noise, timesteps, dropout) is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        mean, std = metric.compute()
+    return float(mean), float(std)
+
+
+def fid(net: FeatureNetwork, real: torch.Tensor, fake: torch.Tensor) -> float:
+    """Frechet distance of the feature Gaussians. Indicative only at small N."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    metric = FrechetInceptionDistance(feature=_Embedder(net), normalize=True)
+    metric.update(real, real=True)
+    metric.update(fake, real=False)
+    return float(metric.compute())
+
+
+def inception_score(net: FeatureNetwork, images: torch.Tensor, splits: int = 1) -> float:
+    """exp(E KL(p(y|x) || p(y))) over the network's class logits. Indicative only."""
+    from torchmetrics.image.inception import InceptionScore
+
+    # normalize=False: with True, torchmetrics turns even a custom network's input into uint8.
+    metric = InceptionScore(feature=_Embedder(net, logits=True), splits=splits, normalize=False)
+    metric.update(images)
+    return float(metric.compute()[0])
+
+
+def identity_similarity(net: FeatureNetwork, generated: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean cosine similarity over all (generated, reference) pairs (DreamBooth's DINO/CLIP-I).
+    A network may embed an image as NaN (ArcFace: no face found): such a reference image is left
+    out, such a generated image counts as similarity 0 (a miss, not a pass)."""
+    g = F.normalize(net.identity(generated), dim=1)
+    r = F.normalize(net.identity(reference), dim=1)
+    r = r[~torch.isnan(r).any(dim=1)]
+    if len(r) == 0:
+        return float("nan")
+    return float(torch.nan_to_num(g @ r.T, nan=0.0).mean())
+
+
+def mean_pairwise_similarity(net: FeatureNetwork, images: torch.Tensor) -> float:
+    """Mean cosine between distinct samples' features: near 1 when diversity is gone."""
+    e = F.normalize(net.embed(images), dim=1)
+    sim = e @ e.T
+    n = len(images)
+    return float((sim.sum() - sim.diagonal().sum()) / max(1, n * (n - 1)))
+
+
+def image_sanity(images: torch.Tensor, flat_std: float, noise_level: float) -> dict[str, float]:
+    """Fractions of non-finite, flat and noise-like images. Noise: the share of the signal in
+    the highest frequencies (a 3x3 Laplacian relative to the pixel std) is large, as it is for
+    white noise (~2.5) and small for images (~0.1-0.3)."""
+    finite = torch.isfinite(images).flatten(1).all(dim=1)
+    x = torch.nan_to_num(images.float())
+    gray = x.mean(dim=1, keepdim=True)
+    std = gray.flatten(1).std(dim=1)
+    kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
+    lap = F.conv2d(gray, kernel).flatten(1).abs().mean(dim=1)
+    flat = std < flat_std
+    noisy = (~flat) & (lap / std.clamp_min(1e-6) / 4.0 > noise_level)
+    n = len(images)
+    return {
+        "nan_frac": float((~finite).sum()) / n,
+        "flat_frac": float(flat.sum()) / n,
+        "noise_frac": float(noisy.sum()) / n,
+    }

@@ -1,0 +1,176 @@
+"""What gets evaluated at a checkpoint, and how: the evaluation policies around the one
+CheckpointEvaluator.
+
+  strengths    every checkpoint also at other LoRA strengths (eval.lora_scales)
+  screening    every checkpoint with few samples (eval.screening_seeds); the checkpoints that
+               decide the result get the full evaluation at the end, from LoRA snapshots
+  distilled    every checkpoint's LoRA also on the distilled model (eval.also_distilled)
+
+Knows nothing of Optuna or MLflow: it returns typed rows and numbers; the caller logs them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from klein_sweep.config import Settings
+from klein_sweep.evaluation import collapse
+from klein_sweep.record import BaseStats, CheckpointRow, Judged
+
+# Metrics logged per extra LoRA strength (the full row is kept in the study).
+SCALE_METRICS = ("id_sim", "kid", "prior_kid", "leak")
+
+
+@dataclass
+class CheckpointResult:
+    """One checkpoint's evaluation: the metrics at strength 1.0 and what the policies added."""
+
+    metrics: dict[str, float]
+    grid: "PIL.Image.Image"  # noqa: F821 - the samples at strength 1.0
+    scales: dict[str, Judged] = field(default_factory=dict)
+    distilled: dict[str, float] | None = None
+    seconds: float = 0.0
+
+    def logged_metrics(self) -> dict[str, float]:
+        """What goes to the tracker at this step (eval/*, eval_strength_S/*, eval_distilled/*)."""
+        out = {f"eval/{k}": v for k, v in self.metrics.items()}
+        for s, j in self.scales.items():
+            out.update({f"eval_strength_{s}/{k}": v for k, v in j.metrics.items() if k in SCALE_METRICS})
+        if self.distilled is not None:
+            out.update({f"eval_distilled/{k}": v for k, v in self.distilled.items()})
+        return out
+
+
+class EvaluationPolicy:
+    """The evaluators one model + data + eval setting needs, built once per worker and shared by
+    its trials (the base-model references are sampled once, before any LoRA exists)."""
+
+    def __init__(self, settings: Settings, prepared, examples):
+        from klein_sweep.evaluation.evaluator import CheckpointEvaluator
+
+        e = settings.eval
+        self.settings = settings
+        self.scales = [s for s in e.lora_scales if s != 1.0]
+        self.evaluator = CheckpointEvaluator(settings, prepared.pipe, prepared.data, examples)
+        self.evaluator.compute_base()  # before any LoRA touches the transformer
+        self.full = None
+        if e.screening_seeds:
+            screening = dataclasses.replace(settings, eval=dataclasses.replace(
+                e, seeds=list(e.screening_seeds), sample_steps=e.screening_sample_steps or e.sample_steps))
+            self.full = self.evaluator
+            self.evaluator = CheckpointEvaluator(screening, prepared.pipe, prepared.data, examples)
+            self.evaluator.compute_base()
+        self.distilled = None
+        if e.also_distilled:
+            from klein_sweep.evaluation.distilled import DistilledEvaluator
+
+            self.distilled = DistilledEvaluator(settings, prepared.pipe, prepared.data, examples, prepared.runtime)
+
+    @property
+    def base(self) -> BaseStats:
+        return self.evaluator.base.stats()
+
+    @property
+    def base_distilled(self) -> BaseStats | None:
+        if self.distilled is None:
+            return None
+        return dataclasses.replace(self.distilled.base.stats(), model=self.distilled.model.name)
+
+    def start_trial(self) -> "TrialEvaluation":
+        return TrialEvaluation(self)
+
+
+class TrialEvaluation:
+    """One trial's checkpoints under the policy: LoRA snapshots for the full evaluation."""
+
+    def __init__(self, policy: EvaluationPolicy):
+        self.policy = policy
+        self.snapshots: dict[int, dict] = {}  # step -> LoRA values (screening only)
+        self.seconds = 0.0
+
+    def evaluate(self, step: int, model: torch.nn.Module) -> CheckpointResult:
+        from klein_sweep.lora.adapters import lora_snapshot, lora_strength
+
+        p = self.policy
+        start = time.perf_counter()
+        metrics, grid = p.evaluator.evaluate()
+        result = CheckpointResult(metrics=metrics, grid=grid)
+        for strength in p.scales:  # the same samples at a weaker (or stronger) LoRA
+            with lora_strength(model, strength):
+                at_strength, _ = p.evaluator.evaluate()
+            result.scales[f"{strength:g}"] = Judged(at_strength)
+        if p.full is not None:
+            self.snapshots[step] = lora_snapshot(model)
+        if p.distilled is not None:
+            result.distilled = p.distilled.evaluate(model)
+        result.seconds = time.perf_counter() - start
+        self.seconds += result.seconds
+        return result
+
+    def evaluate_in_full(self, rows: list[CheckpointRow], model, objective: str, direction: str,
+                         save_best=None) -> tuple[list[CheckpointRow], CheckpointRow | None]:
+        """With screening: the full evaluation of the checkpoints that decide the result - the two
+        best screened ones, the first collapsed one and the one before it - from their LoRA
+        snapshots, into row.full. Returns (rows, the best by its full value or None);
+        `save_best(model)` is called while the best checkpoint's LoRA is loaded. The model leaves
+        with the LoRA it came with."""
+        from klein_sweep.lora.adapters import lora_snapshot, restore_lora
+
+        if self.policy.full is None:
+            return rows, None
+        steps = [r.step for r in rows if r.step in self.snapshots]
+        maximize = direction == "maximize"
+        usable = [r for r in rows if r.state != "collapsed" and r.step in self.snapshots and _finite(r.value(objective))]
+        ranked = sorted(usable, key=lambda r: r.value(objective), reverse=maximize)
+        decisive = {r.step for r in ranked[:2]}  # screening noise can swap neighbours: two
+        first = collapse.first_collapse_step(rows)
+        if first is not None and first in steps:
+            i = steps.index(first)
+            decisive |= {first} | ({steps[i - 1]} if i > 0 else set())
+        if not decisive:
+            return rows, None
+        start = time.perf_counter()
+        final = lora_snapshot(model)
+        try:
+            out = []
+            for r in rows:
+                if r.step in decisive:
+                    restore_lora(model, self.snapshots[r.step])
+                    values, _ = self.policy.full.evaluate()
+                    r = dataclasses.replace(r, full=values)
+                out.append(r)
+            judged = [r for r in out if r.full is not None and r.state != "collapsed" and _finite(r.full.get(objective))]
+            best = (max if maximize else min)(judged, key=lambda r: r.full[objective]) if judged else None
+            if best is not None and save_best is not None:
+                restore_lora(model, self.snapshots[best.step])
+                save_best(model)
+            return out, best
+        finally:
+            restore_lora(model, final)
+            self.snapshots.clear()
+            self.seconds += time.perf_counter() - start
+
+
+def classify_strengths(rows: list[CheckpointRow], base: BaseStats | None, th) -> list[CheckpointRow]:
+    """Each extra strength's checkpoints judged by the same collapse rules as strength 1.0:
+    rows[i].scales[S].state. Returns new rows."""
+    strengths = sorted({s for r in rows for s in r.scales})
+    verdicts: dict[tuple[int, str], CheckpointRow] = {}
+    for strength in strengths:
+        series = [CheckpointRow(step=r.step, loss=r.loss, metrics=r.scales[strength].metrics) for r in rows if strength in r.scales]
+        for judged in collapse.classify(series, base, th):
+            verdicts[(judged.step, strength)] = judged
+    out = []
+    for r in rows:
+        scales = {s: Judged(j.metrics, verdicts[(r.step, s)].state, verdicts[(r.step, s)].reason) for s, j in r.scales.items()}
+        out.append(dataclasses.replace(r, scales=scales))
+    return out
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)

@@ -1,0 +1,151 @@
+"""Load a Flux2KleinPipeline: the real Klein models from a hub id or a local folder, the shipped
+mini model, or the tiny random one built in code. Model ids come from registry.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from klein_sweep.config import ModelConfig
+from klein_sweep.errors import ModelError
+from klein_sweep.models.registry import KNOWN_MODELS, MINI_PIPELINE_DIR, klein_transformer_config, model_size
+
+
+@dataclass
+class Runtime:
+    """Where and in which precision the model runs."""
+
+    device: str
+    dtype: "torch.dtype"  # noqa: F821 - torch imported lazily
+
+
+def pick_runtime(model: ModelConfig, device: str = "auto") -> Runtime:
+    """cuda -> mps -> cpu unless told; bf16 weights on CUDA, fp32 elsewhere unless told."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
+    dtype_name = model.dtype
+    if dtype_name == "auto":
+        dtype_name = "bfloat16" if device == "cuda" else "float32"
+    return Runtime(device=device, dtype=getattr(torch, dtype_name))
+
+
+def model_source(model: ModelConfig) -> str:
+    """The hub id or folder a pretrained model loads from."""
+    if model.path:
+        return model.path
+    if model.name in KNOWN_MODELS:
+        return KNOWN_MODELS[model.name]
+    raise ModelError(
+        f"model.path is not set and model.name '{model.name}' is not a known model "
+        f"({', '.join(KNOWN_MODELS)}); set model.path to a hub id or a local folder"
+    )
+
+
+def model_cache_id(model: ModelConfig) -> str:
+    """What identifies the weights, for the encoding-cache key."""
+    if model.kind == "tiny":
+        from klein_sweep.models.tiny import TINY_VERSION
+
+        return f"tiny-v{TINY_VERSION}-seed{model.seed}"
+    if model.kind == "mini":
+        # The shipped weights can be rebuilt: key on the content of what encodes (the
+        # transformer does not), not on a name.
+        digest = hashlib.sha256()
+        for part, pattern in (("vae", "*.safetensors"), ("text_encoder", "*.safetensors"), ("tokenizer", "*")):
+            for f in sorted((MINI_PIPELINE_DIR / part).glob(pattern)):
+                digest.update(f.read_bytes())
+        return f"mini-{digest.hexdigest()[:16]}"
+    return f"{model_source(model)}@{model.revision or 'main'}"
+
+
+def load_pipeline(model: ModelConfig, runtime: Runtime):
+    """The full pipeline (transformer, VAE, text encoder, tokenizer, scheduler) on `runtime`."""
+    if model.kind == "tiny":
+        from klein_sweep.models.tiny import build_tiny_pipeline
+
+        pipe = build_tiny_pipeline(model.seed)
+    elif model.kind == "mini":
+        pipe = _load_mini(runtime)
+    else:
+        pipe = _load_pretrained(model, runtime)
+    pipe.register_to_config(is_distilled=model.is_distilled)
+    if pipe.transformer.dtype != runtime.dtype:  # from_pretrained already loaded in runtime.dtype
+        pipe.to(dtype=runtime.dtype)
+    pipe.to(runtime.device)
+    if model.quantize != "none":
+        quantize_transformer(pipe.transformer, model.quantize, runtime.device)
+    for part in (pipe.transformer, pipe.vae, pipe.text_encoder):
+        part.requires_grad_(False)
+        part.eval()
+    return pipe
+
+
+def _load_mini(runtime: Runtime):
+    """The mini Klein shipped inside the package, through the same from_pretrained path."""
+    from diffusers import Flux2KleinPipeline
+
+    if not (MINI_PIPELINE_DIR / "model_index.json").exists():
+        raise ModelError(f"the mini model is missing from {MINI_PIPELINE_DIR}; rebuild it with python -m klein_sweep.mini.build")
+    return Flux2KleinPipeline.from_pretrained(MINI_PIPELINE_DIR, dtype=runtime.dtype, local_files_only=True)
+
+
+def _load_pretrained(model: ModelConfig, runtime: Runtime):
+    from diffusers import Flux2KleinPipeline
+
+    source = model_source(model)
+    # A token comes from the environment only and is never logged.
+    token = os.environ.get("HF_TOKEN") or None
+    try:
+        return Flux2KleinPipeline.from_pretrained(
+            source, revision=model.revision, dtype=runtime.dtype, token=token
+        )
+    except (OSError, ValueError) as exc:
+        local = os.path.isdir(source)
+        where = f"the folder {source}" if local else f"the hub id {source}"
+        raise ModelError(
+            f"could not load model '{model.name}' from {where}: {exc.__class__.__name__}: {str(exc).splitlines()[0]}. "
+            f"Download it once (huggingface-cli download {KNOWN_MODELS.get(model.name, source)} --local-dir DIR) "
+            f"and set model.path=DIR"
+        ) from exc
+
+
+def transformer_skeleton(model: ModelConfig):
+    """The model's transformer architecture without loading its weights (meta tensors for the
+    real models): what a LoRA's shapes are checked against."""
+    from diffusers import Flux2Transformer2DModel
+
+    if model.kind == "tiny":
+        from klein_sweep.models.tiny import build_tiny_pipeline
+
+        return build_tiny_pipeline(model.seed).transformer
+    if model.kind == "mini":
+        return Flux2Transformer2DModel.from_config(Flux2Transformer2DModel.load_config(MINI_PIPELINE_DIR / "transformer"))
+    from accelerate import init_empty_weights
+
+    if model.path and (Path(model.path) / "transformer" / "config.json").exists():
+        config = Flux2Transformer2DModel.load_config(Path(model.path) / "transformer")
+    elif model_size(model.name):
+        config = klein_transformer_config(model_size(model.name))
+    else:
+        raise ModelError(f"no transformer config for model '{model.name}': set model.path to a folder with transformer/config.json")
+    with init_empty_weights():
+        return Flux2Transformer2DModel.from_config(config)
+
+
+def quantize_transformer(transformer, mode: str, device: str) -> None:
+    """Weight-only quantization of the frozen transformer in place (torchao). Its Linear layers
+    keep working with peft: the LoRA trains in float32 on top of the quantized base."""
+    try:
+        from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+    except ImportError as exc:
+        raise ModelError(f"model.quantize={mode} needs torchao: pip install 'klein_sweep[quant]' ({exc})") from exc
+    if mode == "fp8" and device != "cuda":
+        raise ModelError("model.quantize=fp8 needs a CUDA GPU with fp8 support (Ada/Hopper or newer); use int8 elsewhere")
+    quantize_(transformer, Int8WeightOnlyConfig() if mode == "int8" else Float8WeightOnlyConfig())

@@ -1,0 +1,133 @@
+"""report.md: the lr x steps table people argue about, the boundary per setting and its fit,
+the best cell, the loss-vs-quality correlation, and the sections the evaluation policies add
+(full evaluation, LoRA strength, base -> distilled transfer)."""
+
+from __future__ import annotations
+
+from klein_sweep.report.results import SweepResults, checkpoints_with, fmt_value, setting_label, setting_order
+
+
+def render_markdown(results, axis, columns, labels, cells, points, fit, best, corr) -> str:
+    meta = results.meta
+    lines = [f"# Sweep `{results.name}`", ""]
+    lines += [f"Objective: `eval/{results.objective}` ({results.direction}) over non-collapsed checkpoints. "
+              f"{len(results.trials)} trials finished, {len(results.failed)} failed."]
+    for note in meta.notes if meta else []:
+        lines.append(f"- {note}")
+    base = next((t.base for t in results.trials if t.base), None)
+    if base:
+        lines.append(f"- base model (no LoRA): identity similarity {fmt_value(base.id_sim)}, leak {fmt_value(base.leak)}")
+    lines += ["", f"## Identity / KID / state by {axis}", "",
+              "| setting | " + " | ".join(f"{axis} {fmt_value(c)}" for c in columns) + " |",
+              "|---|" + "---|" * len(columns)]
+    for label in labels:
+        out = []
+        for c in columns:
+            r = cells.get((label, c))
+            if r is None:
+                out.append("-")
+            elif not r.evaluated:
+                out.append(f"**{r.state or '?'}**")
+            else:
+                mark = " **best**" if best and setting_label(best[0].setting) == label and best[1].step == r.step else ""
+                out.append(f"{fmt_value(r.value('id_sim'))} / {fmt_value(r.value('kid'))} / {r.state}{mark}")
+        lines.append(f"| {label} | " + " | ".join(out) + " |")
+    lines += ["", "## Collapse boundary", "", "| setting | first collapsed step | reason |", "|---|---|---|"]
+    for t in sorted(results.trials, key=setting_order):
+        reason = next((r.reason for r in t.rows if r.state == "collapsed"), "")
+        lines.append(f"| {setting_label(t.setting)} | {t.collapse_step if t.collapse_step is not None else 'none'} | {reason} |")
+    if fit is not None:
+        lines += ["", f"Fit across learning rates: log10(step) = {fit.intercept:.2f} + {fit.slope:.2f} * log10(lr) "
+                      f"(r = {fit.r_value:.2f}, {fit.n_points} points): doubling the lr moves the boundary by a "
+                      f"factor of {2 ** fit.slope:.2f}."]
+    else:
+        lines += ["", "No boundary fit: fewer than two learning rates collapsed within the sweep."]
+    lines += ["", "## Best cell", ""]
+    if best:
+        t, r = best
+        lines.append(f"{setting_label(t.setting)} at step {r.step}: identity {fmt_value(r.value('id_sim'))}, "
+                     f"KID {fmt_value(r.value('kid'))}, prior KID {fmt_value(r.value('prior_kid'))}, state {r.state} (trial {t.number}).")
+    else:
+        lines.append("No usable checkpoint.")
+    lines += ["", "## Does training loss track quality?", "",
+              "Spearman rank correlation between the training loss and each metric across all checkpoints.", "",
+              "| metric | rho | p | n |", "|---|---|---|---|"]
+    for m, c in corr.items():
+        lines.append(f"| {m} | {c['rho']:+.2f} | {c['p']:.3g} | {c['n']} |")
+    if not corr:
+        lines.append("| (too few checkpoints) | | | |")
+    lines += full_evaluation_section(results)
+    lines += strength_section(results)
+    lines += transfer_section(results)
+    if results.failed:
+        lines += ["", "## Failed trials", ""]
+        lines += [f"- trial {n} ({setting_label(cell)}): {reason}" for n, cell, reason in results.failed]
+    lines += ["", "States: G good, U underfit, O overfit, X collapsed (the rules: docs/design.md in the klein_sweep repository). "
+              "Rebuild: `python -m klein_sweep.report " + results.name + "`", ""]
+    return "\n".join(lines)
+
+
+def strength_section(results: SweepResults) -> list[str]:
+    """With eval.lora_scales: every checkpoint that collapsed at strength 1.0, and what the same
+    LoRA does at the other strengths - is it still usable weaker?"""
+    strengths = sorted({s for t in results.trials for r in t.rows for s in r.scales}, key=float)
+    if not strengths:
+        return []
+    lines = ["", "## LoRA strength: is a collapsed checkpoint usable weaker?", "",
+             "Checkpoints that collapsed at strength 1.0, evaluated at the other strengths "
+             "(identity / state by the same collapse rules).", "",
+             "| setting | step | 1.0 | " + " | ".join(strengths) + " |", "|---|---|---|" + "---|" * len(strengths)]
+    usable = 0
+    collapsed_rows = [(t, r) for t, r in checkpoints_with(results, "scales") if r.state == "collapsed"]
+    for t, r in collapsed_rows:
+        cells = []
+        for s in strengths:
+            at = r.scales.get(s)
+            cells.append(f"{fmt_value(at.metrics.get('id_sim'))} / {at.state or '-'}" if at else "- / -")
+        usable += any(r.scales[s].state in ("good", "underfit", "overfit") for s in strengths if s in r.scales)
+        lines.append(f"| {setting_label(t.setting)} | {r.step} | {fmt_value(r.value('id_sim'))} / collapsed | " + " | ".join(cells) + " |")
+    if not collapsed_rows:
+        lines.append("| (no checkpoint collapsed at strength 1.0) | | | " + " | ".join("" for _ in strengths) + " |")
+    else:
+        lines += ["", f"{usable} of {len(collapsed_rows)} collapsed checkpoints are not collapsed at some lower or higher strength."]
+    return lines
+
+
+def full_evaluation_section(results: SweepResults) -> list[str]:
+    """With screening: the checkpoints that got the full evaluation, screening vs full values."""
+    rows = checkpoints_with(results, "full")
+    if not rows:
+        return []
+    lines = ["", "## Full evaluation of the deciding checkpoints", "",
+             "Every checkpoint was screened with fewer samples (eval.screening_seeds); the two best screened checkpoints and "
+             "the two around the first collapse were evaluated in full; the best checkpoint and the objective use the full values.", "",
+             "| setting | step | state (screening) | identity screening | identity full | KID full | prior KID full |",
+             "|---|---|---|---|---|---|---|"]
+    for t, r in rows:
+        f = r.full
+        lines.append(f"| {setting_label(t.setting)} | {r.step} | {r.state or '?'} | {fmt_value(r.value('id_sim'))} | "
+                     f"{fmt_value(f.get('id_sim'))} | {fmt_value(f.get('kid'))} | {fmt_value(f.get('prior_kid'))} |")
+    return lines
+
+
+def transfer_section(results: SweepResults) -> list[str]:
+    """With eval.also_distilled: each checkpoint's identity on the base model it was trained on
+    and on the distilled model (4 steps, no CFG) - does the LoRA transfer?"""
+    rows = checkpoints_with(results, "distilled")
+    if not rows:
+        return []
+    lines = ["", "## Base -> distilled transfer", "",
+             "Identity similarity of each checkpoint's LoRA on the base model (its own recipe) and on the "
+             "distilled model (4 steps, no CFG); KID to the training images on the distilled model.", "",
+             "| setting | step | identity on base | identity on distilled | KID on distilled | state on base |",
+             "|---|---|---|---|---|---|"]
+    for t, r in rows:
+        d = r.distilled
+        lines.append(f"| {setting_label(t.setting)} | {r.step} | {fmt_value(r.value('id_sim'))} | {fmt_value(d.get('id_sim'))} | "
+                     f"{fmt_value(d.get('kid'))} | {r.state or '?'} |")
+    gaps = [r.distilled["id_sim"] - r.value("id_sim") for _, r in rows
+            if isinstance(r.value("id_sim"), (int, float)) and isinstance(r.distilled.get("id_sim"), (int, float))]
+    if gaps:
+        lines += ["", f"Mean identity change from base to distilled: {sum(gaps) / len(gaps):+.3f} over {len(gaps)} checkpoints."]
+    return lines
+

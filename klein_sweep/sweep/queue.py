@@ -1,0 +1,112 @@
+"""The grid queue. Grid cells are queued trials, not Optuna's GridSampler: GridSampler re-runs
+cells when workers race. Popping a queued trial is a compare-and-set in the storage, and a popped
+trial whose cell another trial already holds is discarded, so no cell runs twice.
+
+  sync_grid_queue   queue the grid cells that have no trial yet
+  next_trial        pop a queued cell (atomic in the storage) or ask the sampler
+"""
+
+from __future__ import annotations
+
+from klein_sweep.record import Attr
+from klein_sweep.sweep.plan import SweepPlan, cell_key
+from klein_sweep.sweep.study import GRACE_BEATS, recover_interrupted, this_worker
+
+
+def cell_holders(study) -> dict[str, list]:
+    """cell key -> trials that hold it: queued, running, finished, or failed for a real reason
+    (a real failure is not retried; an interrupted trial is)."""
+    from optuna.trial import TrialState
+
+    held: dict[str, list] = {}
+    for t in study.get_trials(deepcopy=False):
+        cell = t.user_attrs.get(Attr.CELL) or t.system_attrs.get("fixed_params")
+        if cell is None:
+            continue
+        live = t.state in (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
+        if live or (t.state == TrialState.FAIL and Attr.FAILURE in t.user_attrs):
+            held.setdefault(cell_key(cell), []).append(t)
+    return held
+
+
+def sync_grid_queue(study, cells: list[dict]) -> int:
+    """Queue every grid cell no trial holds. Returns how many were queued."""
+    held = cell_holders(study)
+    queued = 0
+    for cell in cells:
+        if cell_key(cell) not in held:
+            study.enqueue_trial(cell, user_attrs={Attr.CELL: cell}, skip_if_exists=False)
+            queued += 1
+    return queued
+
+
+def next_trial(study, plan: SweepPlan):
+    """The next trial for this worker, or None when the sweep has nothing left to run."""
+    from optuna.trial import TrialState
+
+    while True:
+        if plan.sweep.sampler == "grid":
+            if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)) and not wait_for_stale_cells(study, plan):
+                return None
+        elif _counted_trials(study) >= plan.sweep.n_trials:
+            return None
+        trial = study.ask()
+        trial.set_user_attr(Attr.WORKER, this_worker())
+        if plan.sweep.sampler != "grid":
+            # Workers that asked together may overshoot n_trials: the later numbers stand down.
+            if _counted_trials(study, before=trial.number) >= plan.sweep.n_trials:
+                trial.set_user_attr(Attr.SURPLUS, True)
+                study.tell(trial, state=TrialState.FAIL)
+                return None
+            return trial
+        fixed = study._storage.get_trial(trial._trial_id).system_attrs.get("fixed_params")
+        if fixed is None:  # another worker took the last queued cell between our check and ask
+            trial.set_user_attr(Attr.SURPLUS, True)
+            study.tell(trial, state=TrialState.FAIL)
+            continue  # a stale cell may have been queued again meanwhile; the loop checks
+        owner = _earlier_holder(study, trial.number, fixed)
+        if owner is None:
+            trial.set_user_attr(Attr.CELL, fixed)
+            return trial
+        trial.set_user_attr(Attr.DUPLICATE, owner)
+        study.tell(trial, state=TrialState.FAIL)
+
+
+def _counted_trials(study, before: int | None = None) -> int:
+    """Trials that count towards n_trials: all but those failed for no fault of their own
+    (interrupted, duplicate, surplus), which are replaced."""
+    from optuna.trial import TrialState
+
+    return sum(
+        1 for t in study.get_trials(deepcopy=False)
+        if (before is None or t.number < before) and (t.state != TrialState.FAIL or Attr.FAILURE in t.user_attrs)
+    )
+
+
+def wait_for_stale_cells(study, plan: SweepPlan) -> bool:
+    """Nothing is queued. Before leaving, an idle worker watches the trials still running for
+    one grace period: a worker that died (on any machine) stops its heartbeat, its trial is
+    failed here and its cell queued again, and this worker runs it. Returns True when a cell
+    was queued; False when the running trials stayed alive (their workers finish them) or none
+    is left."""
+    import time
+
+    from optuna.trial import TrialState
+
+    interval = plan.sweep.heartbeat_seconds
+    deadline = time.monotonic() + (GRACE_BEATS + 1) * interval  # the storage's grace period + one beat
+    while True:
+        if recover_interrupted(study) and sync_grid_queue(study, plan.cells):
+            return True
+        if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            return True
+        if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) or time.monotonic() > deadline:
+            return False
+        time.sleep(min(interval, max(0.0, deadline - time.monotonic())) or 0.1)
+
+
+def _earlier_holder(study, number: int, cell: dict) -> int | None:
+    for t in cell_holders(study).get(cell_key(cell), []):
+        if t.number < number:
+            return t.number
+    return None

@@ -1,0 +1,206 @@
+"""The LoRA training loop. Reads top to bottom: set up, then for each optimizer step: micro-batches
+(sample -> noise -> predict -> loss -> backward), then clip, step, log, checkpoint.
+
+Knows nothing of MLflow or Optuna: it takes a `Tracker` and an `on_checkpoint(event, transformer)
+-> stop?` callback; evaluation and pruning hang there.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+
+from klein_sweep.config import TrainConfig
+from klein_sweep.data.encoding import EncodedData
+from klein_sweep.tracking import NullTracker, Tracker
+from klein_sweep.training import flow_matching as fm
+
+
+@dataclass
+class CheckpointEvent:
+    step: int
+    loss: float  # mean training loss since the previous checkpoint
+    lr: float
+    lora_norm: float | None = None  # filled in by the trial before evaluation
+
+
+@dataclass
+class TrainResult:
+    status: str  # "finished" | "stopped" (callback asked) | "diverged" (non-finite loss)
+    steps_done: int
+    reason: str | None = None
+    losses: list[float] = field(default_factory=list)  # per optimizer step
+
+
+OnCheckpoint = Callable[[CheckpointEvent, torch.nn.Module], bool]
+
+
+def checkpoint_schedule(steps: int, every: int, extra: Iterable[int] = ()) -> list[int]:
+    """Steps at which the checkpoint callback runs: every `every` steps, the `extra` steps that
+    fall inside the run, and always the last."""
+    marks = set(range(every, steps + 1, every)) if every > 0 else set()
+    marks.update(s for s in extra if 0 < s <= steps)
+    marks.add(steps)
+    return sorted(marks)
+
+
+def train_lora(
+    transformer: torch.nn.Module,
+    lora_params: list[torch.nn.Parameter],
+    data: EncodedData,
+    cfg: TrainConfig,
+    *,
+    steps: int,
+    device: str,
+    checkpoints: Iterable[int] = (),
+    on_checkpoint: OnCheckpoint | None = None,
+    caption_dropout: float = 0.0,
+    tracker: Tracker | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train the LoRA already injected into `transformer` for `steps` optimizer steps."""
+    from accelerate import Accelerator
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    tracker = tracker or NullTracker()
+    checkpoint_steps = set(checkpoints) or {steps}
+    # Accumulation is written out in the loop below, so accelerate is not told about it (it
+    # would divide the loss a second time and skip optimizer calls behind our back).
+    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg, device), cpu=device == "cpu")
+    optimizer = _build_optimizer(lora_params, cfg)
+    lr_scheduler = get_scheduler(
+        cfg.lr_schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=steps
+    )
+    transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
+    if cfg.gradient_checkpointing:
+        accelerator.unwrap_model(transformer).enable_gradient_checkpointing()
+    transformer.train()
+
+    batches = BatchSampler(data, cfg, device, caption_dropout)
+    losses: list[float] = []
+    window: list[float] = []  # losses since the last checkpoint
+    # disable=None: a live bar on a terminal, no bar in logs and CI.
+    bar = tqdm(total=steps, desc="train", unit="step", disable=None if progress else True, dynamic_ncols=True)
+    try:
+        for step in range(1, steps + 1):
+            micro_losses = []
+            for _ in range(cfg.grad_accum):  # micro-batches: gradients add up, the mean is the step's
+                loss = flow_matching_loss(transformer, batches.next(), device)
+                accelerator.backward(loss / cfg.grad_accum)
+                micro_losses.append(loss.detach())
+            if cfg.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(lora_params, cfg.max_grad_norm)
+            optimizer.step()  # once per optimizer step
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = torch.stack(micro_losses).mean().item()  # one device sync per step
+            lr = lr_scheduler.get_last_lr()[0]
+            if not math.isfinite(step_loss):
+                reason = f"non-finite training loss ({step_loss}) at step {step}"
+                tracker.log_metrics({"train/nonfinite_step": step}, step=step)
+                return TrainResult("diverged", step, reason, losses)
+            losses.append(step_loss)
+            window.append(step_loss)
+            tracker.log_metrics({"train/loss": step_loss, "train/lr": lr}, step=step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+            if step in checkpoint_steps and on_checkpoint is not None:
+                event = CheckpointEvent(step=step, loss=sum(window) / len(window), lr=lr)
+                window = []
+                transformer.eval()
+                stop = on_checkpoint(event, accelerator.unwrap_model(transformer))
+                transformer.train()
+                if stop:
+                    return TrainResult("stopped", step, f"stopped by the checkpoint callback at step {step}", losses)
+        return TrainResult("finished", steps, None, losses)
+    finally:
+        bar.close()
+        tracker.flush()
+        transformer.eval()
+
+
+def flow_matching_loss(transformer: torch.nn.Module, batch: "Batch", device: str) -> torch.Tensor:
+    """One rectified-flow loss on a batch of cached latents. Shapes for B images, h x w latent
+    patches, C = 4 x latent channels, L text tokens, D text width:
+    latents (B, C, h, w) -> tokens (B, h*w, C); prompt_embeds (B, L, D)."""
+    from diffusers import Flux2KleinPipeline
+
+    x0 = batch.latents
+    noisy = fm.add_noise(x0, batch.noise, batch.sigmas)
+    tokens = Flux2KleinPipeline._pack_latents(noisy)
+    target = Flux2KleinPipeline._pack_latents(fm.velocity_target(x0, batch.noise))
+    img_ids = Flux2KleinPipeline._prepare_latent_ids(x0).to(device)
+    txt_ids = Flux2KleinPipeline._prepare_text_ids(batch.prompt_embeds).to(device)
+    pred = transformer(
+        hidden_states=tokens,
+        encoder_hidden_states=batch.prompt_embeds,
+        timestep=batch.sigmas,  # the transformer scales by 1000 itself
+        img_ids=img_ids,
+        txt_ids=txt_ids,
+        guidance=None,
+        return_dict=False,
+    )[0]
+    return fm.flow_loss(pred[:, : tokens.shape[1]], target)
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor  # (B, C, h, w)
+    prompt_embeds: torch.Tensor  # (B, L, D)
+    noise: torch.Tensor  # (B, C, h, w)
+    sigmas: torch.Tensor  # (B,)
+
+
+class BatchSampler:
+    """Shuffled epochs over the cached data, with caption dropout, noise and noise levels all
+    drawn from one seeded CPU generator: the same seed gives the same run on any device."""
+
+    def __init__(self, data: EncodedData, cfg: TrainConfig, device: str, caption_dropout: float = 0.0):
+        self.data, self.cfg, self.device, self.caption_dropout = data, cfg, device, caption_dropout
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.order: list[int] = []
+
+    def next(self) -> Batch:
+        cfg, n = self.cfg, self.data.latents.shape[0]
+        idx = []
+        while len(idx) < cfg.batch_size:
+            if not self.order:
+                self.order = torch.randperm(n, generator=self.gen).tolist()
+            idx.append(self.order.pop())
+        latents = self.data.latents[idx].float()
+        embeds = self.data.prompt_embeds[idx].float().clone()
+        if self.caption_dropout > 0:
+            drop = torch.rand(len(idx), generator=self.gen) < self.caption_dropout
+            embeds[drop] = self.data.empty_prompt_embeds.float()
+        noise = torch.randn(latents.shape, generator=self.gen)
+        sigmas = fm.sample_sigmas(
+            len(idx),
+            cfg.timestep_sampling,
+            logit_mean=cfg.logit_mean,
+            logit_std=cfg.logit_std,
+            shift=cfg.timestep_shift,
+            generator=self.gen,
+        )
+        to = dict(device=self.device)
+        return Batch(latents.to(**to), embeds.to(**to), noise.to(**to), sigmas.to(**to))
+
+
+def _mixed_precision(cfg: TrainConfig, device: str) -> str:
+    if cfg.mixed_precision == "auto":
+        return "bf16" if device == "cuda" else "no"
+    return cfg.mixed_precision
+
+
+def _build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    kwargs = dict(lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)
+    if cfg.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as exc:
+            raise RuntimeError("train.optimizer=adamw8bit needs bitsandbytes: pip install 'klein_sweep[bnb]'") from exc
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
