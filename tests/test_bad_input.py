@@ -81,6 +81,17 @@ def test_bad_dataset(tmp_path, kind):
         (["+sweep=lr_vs_steps", "sweep.sampler=annealing"], "sweep.sampler"),
         (["+sweep=lr_vs_steps", "sweep.role=boss"], "sweep.role"),
         (["+sweep=lr_vs_steps", "eval=none"], "eval.enabled"),
+        # needs the model's config or the environment: checked for every cell before anything exists
+        (["+sweep=lr_vs_steps", "data.resolution=30"], "config key 'data.resolution' = 30 is invalid: a multiple of 4 for model tiny"),
+        (["+sweep=lr_vs_steps", "+sweep.params.data.resolution={type: categorical, values: [32, 30]}"],
+         "config key 'data.resolution' = 30 is invalid: a multiple of 4"),
+        (["+sweep=lr_vs_steps", "model.text_encoder_layers=[1,2,9]"], "layer indices <= 3: the text encoder of tiny has 3 layers"),
+        (["+sweep=lr_vs_steps", "train.device=cuda"], "config key 'train.device' = 'cuda' is invalid: auto or cpu: no CUDA device"),
+        (["+sweep=lr_vs_steps", "train.optimizer=adamw8bit"], "config key 'train.optimizer' = 'adamw8bit' is invalid"),
+        (["+sweep=lr_vs_steps", "model=flux2_klein_base_9b", "model.path=/no/such/klein"], "model.path: folder /no/such/klein does not exist"),
+        (["train.device=cuda"], "no CUDA device"),  # a single trial too, before the model loads
+        # a key that is no part of the config
+        (["+sweep=lr_vs_steps", "+trian.lr=1e-4"], "config key 'trian' = {'lr': 0.0001} is invalid: unknown top-level key"),
     ],
 )
 def test_bad_value(tmp_path, overrides, message):
@@ -107,3 +118,23 @@ def test_unreachable_or_unusable_storage_url(tmp_path, scheme):
     expected = "cannot open Optuna storage" if scheme == "postgresql" else "needs a database driver that is not installed"
     assert_refused(proc, "sweep.storage: ", tmp_path)
     assert expected in proc.stderr and "secret" not in proc.stderr  # the password is never printed
+
+
+@pytest.mark.parametrize("typo,key", [("trian:\n  lr: 1.0e-4\n", "trian"), ("sweeps:\n  name: x\n", "sweeps")])
+def test_a_typo_in_a_sweep_file_names_the_key_and_the_file(tmp_path, typo, key):
+    mine = tmp_path / "conf" / "sweep"
+    mine.mkdir(parents=True)
+    (mine / "mine.yaml").write_text("# @package _global_\ndefaults:\n  - /klein_sweep_defaults\n  - override /eval: default\n"
+                                    "  - _self_\nsweep:\n  name: mine\n  params:\n    train:\n"
+                                    "      lr: {type: categorical, values: [1.0e-4]}\n" + typo)
+    proc = run_cli("--config-dir", str(tmp_path / "conf"), "model=tiny", "data=tiny_character", "+sweep=mine", cwd=tmp_path)
+    assert_refused(proc, f"config key '{key}'", tmp_path)
+    assert "unknown top-level key (set in the sweep file sweep/mine.yaml or on the command line)" in proc.stderr
+
+
+def test_passwords_never_reach_the_terminal(tmp_path):
+    port = free_port()
+    proc = run_cli("model=tiny", "data=tiny_character", "+sweep=lr_vs_steps", f"tracking.uri=http://klein:s3cret@127.0.0.1:{port}",
+                   cwd=tmp_path)
+    assert_refused(proc, f"no MLflow server answers at http://klein:***@127.0.0.1:{port}", tmp_path)
+    assert "s3cret" not in proc.stderr + proc.stdout

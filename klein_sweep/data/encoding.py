@@ -21,7 +21,7 @@ import torch
 from klein_sweep.data.folder import Example, load_image
 from klein_sweep.fileio import replaced_atomically
 
-CACHE_FORMAT = 1  # bump when what is stored changes
+CACHE_FORMAT = 2  # bump when what is stored changes (2: images composited on a background)
 
 
 @dataclass
@@ -32,9 +32,10 @@ class EncodingKey:
     resolution: int
     text_layers: tuple[int, ...]
     max_sequence_length: int
+    background: str = "white"  # transparent pixels' colour: part of what an image encodes to
 
     def latent_key(self, image_bytes: bytes) -> str:
-        return _digest({"f": CACHE_FORMAT, "m": self.model_id, "r": self.resolution}, image_bytes)
+        return _digest({"f": CACHE_FORMAT, "m": self.model_id, "r": self.resolution, "bg": self.background}, image_bytes)
 
     def text_key(self, prompt: str) -> str:
         meta = {"f": CACHE_FORMAT, "m": self.model_id, "l": list(self.text_layers), "n": self.max_sequence_length}
@@ -149,7 +150,7 @@ def _encode_images(pipe, examples, key, cache, batch_size) -> list[torch.Tensor]
         raise RuntimeError("images need encoding but the VAE encoder was already released")
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
-        pixels = torch.stack([load_image(ex.image_path, key.resolution) for _, _, ex in chunk])
+        pixels = torch.stack([load_image(ex.image_path, key.resolution, key.background) for _, _, ex in chunk])
         encoded = vae_encode(pipe, pixels)
         for (i, k, _), lat in zip(chunk, encoded):
             cache.put("latents", k, lat)

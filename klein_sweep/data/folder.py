@@ -59,7 +59,7 @@ def load_examples(cfg: DataConfig) -> list[Example]:
         raise DataError(f"data.path: caption {captions[orphans[0]]} has no image of the same name (e.g. {orphans[0]}.png)")
     examples = []
     for stem, image_path in images.items():
-        check_image(image_path, cfg.resolution)
+        check_image(image_path, cfg)
         examples.append(Example(image_path, read_caption(captions.get(stem), cfg)))
     return examples
 
@@ -69,44 +69,41 @@ def read_caption(path: Path | None, cfg: DataConfig) -> str:
     text = ""
     if path is not None:
         try:
-            text = path.read_text(encoding="utf-8").strip()
+            text = path.read_text(encoding="utf-8-sig").strip()  # -sig: a BOM some editors write is not text
         except UnicodeDecodeError as exc:
             raise DataError(f"data.path: caption {path} is not UTF-8 text ({exc.reason})") from exc
     text = text or cfg.default_caption
     return " ".join(text.replace(TRIGGER_PLACEHOLDER, cfg.trigger).split())
 
 
-def check_image(path: Path, resolution: int) -> None:
-    """Open and fully decode the image: truncated and corrupt files fail here, not mid-training."""
-    from PIL import Image, UnidentifiedImageError
+def check_image(path: Path, cfg: DataConfig) -> None:
+    """Open and fully decode the image: truncated, corrupt and oversized files fail here, not
+    mid-training."""
+    from klein_sweep.data.images import open_rgb
 
-    try:
-        with Image.open(path) as img:
-            img.load()
-            width, height = img.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"data.path: image {path} cannot be read ({exc.__class__.__name__}: {exc}); re-export or remove it") from exc
-    if min(width, height) < resolution:
+    width, height = open_rgb(path, cfg.background, cfg.max_megapixels).size
+    if min(width, height) < cfg.resolution:
         raise DataError(
-            f"data.path: image {path} is {width}x{height}, smaller than data.resolution={resolution}; "
+            f"data.path: image {path} is {width}x{height}, smaller than data.resolution={cfg.resolution}; "
             f"use a larger image or a data.resolution <= {min(width, height)}"
         )
 
 
-def load_image(path: Path, resolution: int) -> "torch.Tensor":  # noqa: F821
+def load_image(path: Path, resolution: int, background: str = "white", max_megapixels: float = 64.0) -> "torch.Tensor":  # noqa: F821
     """(3, resolution, resolution) float32 in [-1, 1]: short side resized, then center-cropped."""
     import numpy as np
     import torch
-    from PIL import Image, ImageOps
+    from PIL import Image
 
-    with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img).convert("RGB")
-        scale = resolution / min(img.size)
-        size = (max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale)))
-        img = img.resize(size, Image.Resampling.BICUBIC)
-        left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
-        img = img.crop((left, top, left + resolution, top + resolution))
-        array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    from klein_sweep.data.images import open_rgb
+
+    img = open_rgb(path, background, max_megapixels)
+    scale = resolution / min(img.size)
+    size = (max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale)))
+    img = img.resize(size, Image.Resampling.BICUBIC)
+    left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
+    img = img.crop((left, top, left + resolution, top + resolution))
+    array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
