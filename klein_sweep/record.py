@@ -7,7 +7,7 @@ Stored as Optuna user attributes (one per field, so optuna-dashboard shows them 
     trial   record_version, state, steps, collapse_step, best_step, base, base_distilled,
             train_seconds, eval_seconds, checkpoints (a list of CheckpointRow)
             + the queue's own: cell, worker, failure_reason, interrupted, duplicate_of,
-              surplus, mlflow_run_id
+              surplus, retry_of, mlflow_run_id
     study   meta (StudyMeta), mlflow_parent_run_id
 
 JSON has no NaN or infinity: they are stored as the strings "nan", "inf", "-inf" and decoded back
@@ -52,7 +52,14 @@ class Attr:
     INTERRUPTED = "interrupted"
     DUPLICATE = "duplicate_of"
     SURPLUS = "surplus"
+    RETRY_OF = "retry_of"  # sweep.retry_failed: the failed trial this one runs again
     RUN_ID = "mlflow_run_id"
+
+
+def retried_trials(trials) -> set[int]:
+    """Numbers of failed trials that a later trial ran again (sweep.retry_failed): the retry
+    holds their cell now, and the report shows the retry instead."""
+    return {t.user_attrs[Attr.RETRY_OF] for t in trials if Attr.RETRY_OF in t.user_attrs}
 
 
 class StudyAttr:

@@ -52,10 +52,17 @@ def test_nan_run():
 def test_prior_kid_leak_degenerate_and_overfit():
     prior = classify([row(1, 0.7, prior_kid=0.01), row(2, 0.7, prior_kid=0.2)], BASE, TH)
     assert prior[1].state == "collapsed" and "prior KID" in prior[1].reason
-    leak = classify([row(1, 0.7, leak=0.60)], BASE, TH)
+    # Each rule on one checkpoint, on both sides of its threshold (a detector that flags
+    # everything, or nothing, fails one side).
+    leak = classify([row(1, 0.7, leak=BASE.leak + TH.leak_margin + 0.05)], BASE, TH)
     assert leak[0].state == "collapsed" and "leak" in leak[0].reason
-    noisy = classify([row(1, 0.7, noise_frac=0.75)], BASE, TH)
+    assert classify([row(1, 0.7, leak=BASE.leak + TH.leak_margin - 0.05)], BASE, TH)[0].state == "good"
+    noisy = classify([row(1, 0.7, noise_frac=TH.degenerate_frac + 0.25)], BASE, TH)
     assert noisy[0].state == "collapsed"
+    assert classify([row(1, 0.7, noise_frac=TH.degenerate_frac - 0.25)], BASE, TH)[0].state == "good"
+    assert classify([row(1, 0.7, nan_frac=1.0)], BASE, TH)[0].state == "collapsed"
+    assert classify([row(1, 0.7, loss=2.5)], BASE, TH)[0].state == "good"  # a high but finite loss is no collapse
+    assert classify([row(1, BASE.id_sim)], BASE, TH)[0].state == "underfit"
     # a base model that already makes noise does not count against the LoRA
     assert classify([row(1, 0.7, noise_frac=0.75)], dataclasses.replace(BASE, degenerate=0.75), TH)[0].state == "good"
     kid = classify([row(1, 0.7, kid=0.01), row(2, 0.7, kid=0.05)], BASE, TH)

@@ -24,7 +24,9 @@ def test_every_checkpoint_is_also_evaluated_on_the_distilled_model(tmp_path):
     assert summary.ran == [0], summary
     trial = open_study(plan, create=False).trials[0]
     rows = trial.user_attrs["checkpoints"]
-    assert all(-1 <= r["distilled"]["id_sim"] <= 1 for r in rows)
+    # The distilled recipe (4 steps, no CFG) draws other images than the base recipe: its
+    # identity is measured on its own samples, not copied from the base evaluation.
+    assert all(r["distilled"]["id_sim"] != r["id_sim"] for r in rows)
     assert trial.user_attrs["base_distilled"]["model"] == "tiny"
     history = MlflowClient(uri).get_metric_history(trial.user_attrs["mlflow_run_id"], "eval_distilled/id_sim")
     assert [m.step for m in history] == [2, 4]

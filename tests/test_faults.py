@@ -86,12 +86,13 @@ def half_then_disk_full(real_bytes):
     return save_file
 
 
-def test_disk_full_during_a_lora_write_leaves_no_corrupt_file(tmp_path, monkeypatch):
+def test_disk_full_during_a_lora_write_interrupts_the_trial_and_a_rerun_after_the_fix_runs_it(tmp_path, monkeypatch):
     import safetensors.torch
+    from optuna.trial import TrialState
     from safetensors import safe_open
 
     from klein_sweep.sweep.study import open_study
-    from klein_sweep.sweep.worker import run_sweep
+    from klein_sweep.sweep.worker import MachineFault, run_sweep
 
     real_save_file, saves = safetensors.torch.save_file, {"n": 0}
 
@@ -103,17 +104,55 @@ def test_disk_full_during_a_lora_write_leaves_no_corrupt_file(tmp_path, monkeypa
 
     monkeypatch.setattr(safetensors.torch, "save_file", flaky)
     plan = tiny_plan(tmp_path, "sweep.params.train.lr.values=[1e-3,2e-3]")
+    with pytest.raises(MachineFault, match="No space left on device.*trial 0 is marked interrupted.*run the same command again"):
+        run_sweep(plan, progress=False)
+    first = open_study(plan, create=False).trials[0]
+    assert first.state == TrialState.FAIL and first.user_attrs["interrupted"] is True
+    assert "failure_reason" not in first.user_attrs  # not the cell's fault: it is not a result
+    others = open_study(plan, create=False).trials[1:]
+    assert [t.state for t in others] == [TrialState.WAITING]  # the worker stopped instead of failing every cell
+    assert not [p for p in (tmp_path / "sweep").rglob("*") if ".tmp" in p.name]
+
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save_file)  # the disk is freed
     summary = run_sweep(plan, progress=False)
-    assert 0 in summary.failed and 1 in summary.ran
-    reason = open_study(plan, create=False).trials[0].user_attrs["failure_reason"]
-    assert "No space left on device" in reason
+    assert sorted(summary.ran) == [1, 2] and summary.failed == []
+    done = [t for t in open_study(plan, create=False).trials if t.state == TrialState.COMPLETE]
+    assert sorted(t.user_attrs["cell"]["train.lr"] for t in done) == [1e-3, 2e-3]
     written = list((tmp_path / "sweep").rglob("*.safetensors"))
-    assert written, "the second trial's LoRA should exist"
+    assert written
     for path in written:  # every LoRA under its final name opens and reads whole
         with safe_open(str(path), "pt") as f:
             for key in f.keys():
                 f.get_tensor(key)
-    assert not [p for p in (tmp_path / "sweep").rglob("*") if ".tmp" in p.name]
+
+
+def test_a_failed_cell_stays_failed_until_retry_failed_queues_it_again(tmp_path, monkeypatch):
+    import klein_sweep.training.loop as train
+    from optuna.trial import TrialState
+
+    from klein_sweep.report.results import load_results
+    from klein_sweep.sweep.study import open_study
+    from klein_sweep.sweep.worker import run_sweep
+
+    def bug(_loss):
+        raise ValueError("a settings fault")
+
+    fault_in_first_trial(monkeypatch, bug)
+    plan = tiny_plan(tmp_path)
+    assert run_sweep(plan, progress=False).failed == [0]
+    monkeypatch.undo()
+    assert run_sweep(plan, progress=False).ran == []  # a settings fault is a result: not re-run
+    assert [n for n, _, _ in load_results(open_study(plan, create=False)).failed] == [0]
+
+    retry = tiny_plan(tmp_path, "sweep.retry_failed=true")  # not part of the plan: same study
+    assert run_sweep(retry, progress=False).ran == [2]
+    study = open_study(plan, create=False)
+    assert study.trials[2].user_attrs["retry_of"] == 0 and study.trials[2].state == TrialState.COMPLETE
+    assert study.trials[2].user_attrs["cell"] == study.trials[0].user_attrs["cell"]
+    results = load_results(study)
+    assert results.failed == [] and sorted(t.number for t in results.trials) == [1, 2]
+    assert "failed" not in (tmp_path / "sweep" / "report.md").read_text().lower().split("## ")[1]
+    assert run_sweep(retry, progress=False).ran == []  # nothing failed is left to retry
 
 
 def test_disk_full_during_a_report_write_keeps_the_previous_report(tmp_path, monkeypatch):
@@ -126,14 +165,16 @@ def test_disk_full_during_a_report_write_keeps_the_previous_report(tmp_path, mon
     folder = tmp_path / "sweep"
     before = {name: (folder / name).read_bytes() for name in ("report.md", "report.json", "heatmaps.png")}
 
-    real_write_text = Path.write_text
+    real_write_text, writes = Path.write_text, []
 
     def write_text(self, data, *args, **kwargs):
+        writes.append(self.name)
         real_write_text(self, data[: len(data) // 2], *args, **kwargs)
         raise OSError(28, "No space left on device", str(self))
 
     monkeypatch.setattr(Path, "write_text", write_text)
     with pytest.raises(OSError):
         write_report(folder, study=open_study(plan, create=False))
+    assert writes and all(".tmp" in name for name in writes)  # the fault hit a write, aside from the report
     assert {name: (folder / name).read_bytes() for name in before} == before
     assert not [p for p in folder.iterdir() if ".tmp" in p.name]

@@ -39,8 +39,16 @@ def test_screened_sweep_evaluates_the_deciding_checkpoints_in_full(tmp_path):
     trial = open_study(plan, create=False).trials[0]
     rows = trial.user_attrs["checkpoints"]
     best = trial.user_attrs["best_step"]
-    full = [r["step"] for r in rows if "full" in r]
-    assert best in full and len(full) <= 4  # the two best screened (and, had it collapsed, the two around it)
+    full = {r["step"] for r in rows if "full" in r}
+    # Exactly the deciding checkpoints: the two best screened, and the first collapsed one with
+    # the one before it. Not every checkpoint (no saving), and not only the last.
+    usable = [r for r in rows if r["state"] != "collapsed"]
+    expected = {r["step"] for r in sorted(usable, key=lambda r: r["id_sim"], reverse=True)[:2]}
+    steps = [r["step"] for r in rows]
+    first = next((r["step"] for r in rows if r["state"] == "collapsed"), None)
+    if first is not None:
+        expected |= {first, *steps[max(0, steps.index(first) - 1):steps.index(first)]}
+    assert best in full and full == expected and len(rows) == 3
     best_row = next(r for r in rows if r["step"] == best)
     assert trial.value == best_row["full"]["id_sim"]  # the objective comes from the full evaluation
     history = MlflowClient(uri).get_metric_history(trial.user_attrs["mlflow_run_id"], "eval_full/id_sim")

@@ -11,6 +11,9 @@ class FeatureNetwork(torch.nn.Module):
     """What metrics need from a network: an embedding (identity, KID/FID) and class logits (IS)."""
 
     num_features: int
+    has_class_head: bool = True
+    """False for pure embedding networks (DINOv2, CLIP, ArcFace): they have no class logits, so
+    the Inception Score is not computed with them (eval/is is absent, not a failed trial)."""
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:  # (N, D)
         raise NotImplementedError

@@ -55,6 +55,8 @@ def _normalise(images: torch.Tensor, size: int, mean, std) -> torch.Tensor:
 class Dinov2Features(FeatureNetwork):
     """CLS token of DINOv2: a self-supervised embedding where the same subject stays close."""
 
+    has_class_head = False
+
     def __init__(self, folder: Path, batch_size: int = 32):
         super().__init__()
         from transformers import AutoImageProcessor, Dinov2Model
@@ -79,6 +81,8 @@ class Dinov2Features(FeatureNetwork):
 
 class ClipFeatures(FeatureNetwork):
     """CLIP image embeddings; `text_similarity` gives CLIP-T (image-prompt cosine)."""
+
+    has_class_head = False
 
     def __init__(self, folder: Path, batch_size: int = 32):
         super().__init__()
@@ -148,6 +152,8 @@ class InceptionFeatures(FeatureNetwork):
 class ArcFaceFeatures(FeatureNetwork):
     """ArcFace embedding of the largest face (insightface). An image without a face embeds as
     NaN, so identity similarity counts it as a miss rather than as a match."""
+
+    has_class_head = False
 
     def __init__(self, folder: Path):
         super().__init__()

@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 
 from klein_sweep.evaluation import collapse
-from klein_sweep.record import Attr, BaseStats, CheckpointRow, StudyAttr, StudyMeta, TrialRecord, decode_trial
+from klein_sweep.record import Attr, BaseStats, CheckpointRow, StudyAttr, StudyMeta, TrialRecord, decode_trial, retried_trials
 
 QUALITY_METRICS = ("id_sim", "kid", "prior_kid", "fid", "is", "leak")
 
@@ -61,10 +61,12 @@ def load_results(study) -> SweepResults:
 
     meta = StudyMeta.from_json(study.user_attrs.get(StudyAttr.META), where=f"study {study.study_name}")
     trials, failed = [], []
-    for t in study.get_trials(deepcopy=False):
+    stored = study.get_trials(deepcopy=False)
+    retried = retried_trials(stored)
+    for t in stored:
         cell = dict(t.user_attrs.get(Attr.CELL) or {})
         if t.state == TrialState.FAIL:
-            if Attr.FAILURE in t.user_attrs:
+            if Attr.FAILURE in t.user_attrs and t.number not in retried:
                 failed.append((t.number, cell, t.user_attrs[Attr.FAILURE]))
             continue
         if t.state not in (TrialState.COMPLETE, TrialState.PRUNED):

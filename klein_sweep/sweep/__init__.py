@@ -1,2 +1,2 @@
 """Sweeps: the plan (plan.py), the study's storage and heartbeat (study.py), the grid queue
-(queue.py), the worker (worker.py) and its checkpoint callback (callbacks.py)."""
+(queue.py) and the worker (worker.py); a trial's checkpoint callback is evaluation/recorder.py."""

@@ -8,7 +8,7 @@ trial whose cell another trial already holds is discarded, so no cell runs twice
 
 from __future__ import annotations
 
-from klein_sweep.record import Attr
+from klein_sweep.record import Attr, retried_trials
 from klein_sweep.sweep.plan import SweepPlan, cell_key
 from klein_sweep.sweep.study import GRACE_BEATS, recover_interrupted, this_worker
 
@@ -19,9 +19,11 @@ def cell_holders(study) -> dict[str, list]:
     from optuna.trial import TrialState
 
     held: dict[str, list] = {}
-    for t in study.get_trials(deepcopy=False):
+    trials = study.get_trials(deepcopy=False)
+    retried = retried_trials(trials)
+    for t in trials:
         cell = t.user_attrs.get(Attr.CELL) or t.system_attrs.get("fixed_params")
-        if cell is None:
+        if cell is None or t.number in retried:
             continue
         live = t.state in (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
         if live or (t.state == TrialState.FAIL and Attr.FAILURE in t.user_attrs):
@@ -29,14 +31,23 @@ def cell_holders(study) -> dict[str, list]:
     return held
 
 
-def sync_grid_queue(study, cells: list[dict]) -> int:
-    """Queue every grid cell no trial holds. Returns how many were queued."""
+def sync_grid_queue(study, cells: list[dict], retry_failed: bool = False) -> int:
+    """Queue every grid cell no trial holds; with retry_failed, also every cell whose trial
+    failed for a reason of its own (the retry records which trial it replaces). Returns how
+    many were queued."""
+    from optuna.trial import TrialState
+
     held = cell_holders(study)
     queued = 0
     for cell in cells:
-        if cell_key(cell) not in held:
-            study.enqueue_trial(cell, user_attrs={Attr.CELL: cell}, skip_if_exists=False)
-            queued += 1
+        holders = held.get(cell_key(cell), [])
+        attrs = {Attr.CELL: cell}
+        if holders and retry_failed and all(t.state == TrialState.FAIL for t in holders):
+            attrs[Attr.RETRY_OF] = max(t.number for t in holders)
+        elif holders:
+            continue
+        study.enqueue_trial(cell, user_attrs=attrs, skip_if_exists=False)
+        queued += 1
     return queued
 
 
@@ -51,6 +62,10 @@ def next_trial(study, plan: SweepPlan):
         elif _counted_trials(study) >= plan.sweep.n_trials:
             return None
         trial = study.ask()
+        # Alive from the moment it exists: a worker killed before its trial's first heartbeat
+        # would leave a RUNNING trial that no grace period ever recovers.
+        if hasattr(study._storage, "record_heartbeat"):
+            study._storage.record_heartbeat(trial._trial_id)
         trial.set_user_attr(Attr.WORKER, this_worker())
         if plan.sweep.sampler != "grid":
             # Workers that asked together may overshoot n_trials: the later numbers stand down.

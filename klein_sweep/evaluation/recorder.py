@@ -1,29 +1,33 @@
-"""The checkpoint callback of one sweep trial: evaluation (through the policy) -> typed row ->
-collapse verdict -> Optuna report -> tracker; keeps the best checkpoint's LoRA; at the end
-writes the trial's record into the study."""
+"""The checkpoint callback of one trial, a sweep's or a single one: evaluation (through the
+policy) -> typed row -> collapse verdict -> tracker; keeps the best checkpoint's LoRA; at the end
+judges every checkpoint into the trial's record. Knows nothing of Optuna: a sweep passes
+`report` (Optuna's intermediate values) and stores the record itself."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
+from typing import Callable
+
 from klein_sweep.config import Settings
 from klein_sweep.evaluation import collapse
-from klein_sweep.record import CheckpointRow, TrialRecord, encode_trial
-from klein_sweep.sweep.plan import SweepPlan
+from klein_sweep.record import STATES, CheckpointRow, TrialRecord
 
 
 class TrialRecorder:
-    def __init__(self, trial, plan: SweepPlan, settings: Settings, policy, tracker, n_images: int):
-        self.trial, self.plan, self.settings, self.tracker = trial, plan, settings, tracker
+    def __init__(self, settings: Settings, policy, tracker, n_images: int, objective: str = "eval/id_sim",
+                 direction: str = "maximize", report: Callable[[float, int], None] | None = None):
+        self.settings, self.tracker, self.report = settings, tracker, report
         self.evaluation = policy.start_trial() if policy is not None else None
         self.base = policy.base if policy is not None else None
         self.base_distilled = policy.base_distilled if policy is not None else None
         self.n_images = n_images
         self.rows: list[CheckpointRow] = []
         self.best_value: float | None = None
-        self.objective = plan.sweep.objective.split("/", 1)[1]
-        self.maximize = plan.sweep.direction == "maximize"
+        self.objective = objective.split("/", 1)[1]
+        self.direction = direction
+        self.maximize = direction == "maximize"
         self.best_dir = Path(settings.output_dir) / "lora_best"
 
     @property
@@ -42,25 +46,27 @@ class TrialRecorder:
             result = self.evaluation.evaluate(event.step, model)
             row.metrics, row.scales, row.distilled = result.metrics, result.scales, result.distilled
             metrics = result.logged_metrics()
-            grid_path = Path(self.settings.output_dir) / "samples" / f"step_{event.step:06d}.png"
-            grid_path.parent.mkdir(parents=True, exist_ok=True)
-            result.grid.save(grid_path)
-            self.tracker.log_artifact(grid_path, "samples")
+            folder = Path(self.settings.output_dir) / "samples"
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, grid in result.grids.items():  # rows: prompts, columns: seeds
+                grid.save(folder / f"{name}_step_{event.step:06d}.png")
+                self.tracker.log_image(grid, key=f"samples/{name}", step=event.step)
         self.rows.append(row)
         current = collapse.classify(self.rows, self.base, self.settings.eval)[-1]
         metrics["eval/collapsed"] = float(current.state == "collapsed")
         value = row.value(self.objective)
         if current.state != "collapsed" and value is not None and math.isfinite(value):
-            self.trial.report(value, event.step)
+            if self.report is not None:
+                self.report(value, event.step)
             if self.best_value is None or (value > self.best_value if self.maximize else value < self.best_value):
                 self.best_value = value
                 save_lora(model, self.best_dir)  # logged with its export in finish()
         # A collapsed checkpoint ends the trial: later steps are known collapsed.
         return metrics, current.state == "collapsed"
 
-    def finish(self, outcome, total_steps: int, model=None, seconds: float = 0.0) -> tuple[str, float | None]:
-        """Judge every checkpoint, store the record, tag the run. Returns (state, objective value
-        or None when no checkpoint is usable)."""
+    def finish(self, outcome, total_steps: int, model=None, seconds: float = 0.0) -> tuple[TrialRecord, float | None]:
+        """Judge every checkpoint, tag the run, log the best LoRA. Returns (the record, the
+        objective's value or None when no checkpoint is usable)."""
         from klein_sweep.evaluation.policies import classify_strengths
         from klein_sweep.lora.io import save_lora
 
@@ -68,11 +74,11 @@ class TrialRecorder:
         if outcome.status == "diverged":
             self.rows.append(CheckpointRow(step=outcome.steps_done, loss=float("nan")))
         rows = classify_strengths(collapse.classify(self.rows, self.base, self.settings.eval), self.base, self.settings.eval)
-        best = collapse.best_checkpoint(rows, self.objective, self.plan.sweep.direction)
+        best = collapse.best_checkpoint(rows, self.objective, self.direction)
         value = best.value(self.objective) if best else None
         if self.evaluation is not None and model is not None:
             rows, full_best = self.evaluation.evaluate_in_full(
-                rows, model, self.objective, self.plan.sweep.direction, save_best=lambda m: save_lora(m, self.best_dir))
+                rows, model, self.objective, self.direction, save_best=lambda m: save_lora(m, self.best_dir))
             for r in rows:
                 if r.full is not None:
                     self.tracker.log_metrics({f"eval_full/{k}": v for k, v in r.full.items()}, step=r.step)
@@ -83,8 +89,6 @@ class TrialRecorder:
         record = TrialRecord(state=state, steps=total_steps, rows=rows, collapse_step=collapse_step,
                              best_step=best.step if best else None, base=self.base, base_distilled=self.base_distilled,
                              train_seconds=round(train_seconds, 3), eval_seconds=round(self.eval_seconds, 3))
-        for key, v in encode_trial(record).items():
-            self.trial.set_user_attr(key, v)
         self.tag_run(record, outcome)
         best_lora = self.best_dir / "pytorch_lora_weights.safetensors"
         if best_lora.exists():
@@ -92,7 +96,7 @@ class TrialRecorder:
 
             self.tracker.log_artifact(best_lora, "lora/best")
             self.tracker.log_artifact(export_comfyui(best_lora), "lora/best")
-        return state, value
+        return record, value
 
     def tag_run(self, record: TrialRecord, outcome) -> None:
         tags = {
@@ -105,3 +109,13 @@ class TrialRecorder:
         if record.collapse_step is not None:
             tags["klein.collapse_reason"] = next(r.reason for r in record.rows if r.state == "collapsed")
         self.tracker.set_tags(tags)
+        # The same as metrics, so the runs table can sort by them and the chart view plot them:
+        # trial/state is the index in STATES (0 underfit, 1 good, 2 overfit, 3 collapsed).
+        metrics = {"trial/collapsed": float(record.collapse_step is not None)}
+        if record.state in STATES:
+            metrics["trial/state"] = STATES.index(record.state)
+        if record.best_step is not None:
+            metrics["trial/best_step"] = record.best_step
+        if record.collapse_step is not None:
+            metrics["trial/collapse_step"] = record.collapse_step
+        self.tracker.log_metrics(metrics, step=record.steps or 0)

@@ -1,0 +1,75 @@
+"""Ctrl-C and a worker killed right after it asked for a trial: one line, nothing left RUNNING,
+and the same command resumes."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+from conftest import run_cli
+from sweep_helpers import compose_plan, load_study, run_worker, sweep_args
+
+
+def test_ctrl_c_prints_one_line_closes_the_runs_and_the_same_command_resumes(tmp_path):
+    from mlflow.tracking import MlflowClient
+    from optuna.trial import TrialState
+
+    args = sweep_args("lr_vs_steps", tmp_path, "sweep.params.train.steps.values=[100,200]")
+    worker = run_worker(args, cwd=tmp_path)
+    db = tmp_path / "sweeps" / "lr_vs_steps" / "study.db"
+    deadline, interrupted = time.time() + 180, False
+    while time.time() < deadline and worker.poll() is None:
+        try:
+            states = [t.state for t in load_study(db.parent).get_trials()] if db.exists() else []
+        except Exception:  # the study is being created
+            states = []
+        if TrialState.RUNNING in states:
+            time.sleep(3.0)  # inside the trial's training loop
+            worker.send_signal(signal.SIGINT)
+            interrupted = True
+            break
+        time.sleep(0.2)
+    out, err = worker.communicate(timeout=120)
+    assert interrupted, "the sweep ended before a trial was running"
+    assert worker.returncode == 130, err[-3000:]
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("klein_sweep: interrupted")]
+    assert len(lines) == 1 and "sweep lr_vs_steps stopped" in lines[0] and "The same command resumes" in lines[0]
+
+    study = load_study(db.parent)
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+    # Pressed inside a library's garbage-collector callback, Python swallows the interrupt: the
+    # trial then finishes and the sweep stops before the next one. Either way nothing is left.
+    stopped = [t for t in study.get_trials() if t.user_attrs.get("interrupted")]
+    assert len(stopped) <= 1 and all(t.state == TrialState.FAIL for t in stopped)
+    assert study.get_trials(states=(TrialState.WAITING,))  # a cell is left for the rerun
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("lr_vs_steps").experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "KILLED" and all(r.info.status in ("KILLED", "FINISHED") for r in runs)
+
+    rerun = run_cli(*args, cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    study = load_study(db.parent)
+    done = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    assert sorted(t.user_attrs["cell"]["train.lr"] for t in done) == [1e-4, 4e-4]
+
+
+def test_a_trial_beats_from_the_moment_it_is_asked(tmp_path, monkeypatch):
+    """A worker on another host killed between ask and its first trial-heartbeat: the trial must
+    still be recovered after the grace period."""
+    from optuna.trial import TrialState
+
+    import klein_sweep.sweep.study as study_module
+    from klein_sweep.sweep.queue import next_trial
+    from klein_sweep.sweep.worker import prepare_study
+
+    plan = compose_plan([*sweep_args("lr_vs_steps", tmp_path), "tracking=none", "sweep.heartbeat_seconds=1",
+                         f"sweep.output_dir={tmp_path / 'sweep'}"])
+    study, _ = prepare_study(plan)
+    trial = next_trial(study, plan)  # asked, and then the worker "dies": no Heartbeat thread ever starts
+    study._storage.set_trial_user_attr(trial._trial_id, "worker", "another-host:1")  # not a local PID to check
+    time.sleep(6)  # past the grace period of 4 beats
+    monkeypatch.setattr(study_module.socket, "gethostname", lambda: "this-host")
+    assert study_module.recover_interrupted(study) == [trial.number]
+    assert study.trials[trial.number].state == TrialState.FAIL
