@@ -18,6 +18,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from klein_sweep import interrupts
 from klein_sweep.config import Settings, build_settings, register_resolvers
 from klein_sweep.errors import KleinSweepError
 from klein_sweep.redaction import redact
@@ -30,11 +31,15 @@ register_resolvers()
 # config_path is relative to this file: the conf/ folder inside the installed package.
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    settings = None
+    interrupts.install()
     try:
         resolved = OmegaConf.to_container(cfg, resolve=True)
-        output_dir = hydra.core.hydra_config.HydraConfig.get().runtime.output_dir
-        settings = build_settings(resolved, output_dir=output_dir)
-        if settings.tracking.backend == "mlflow":
+        choices = hydra.core.hydra_config.HydraConfig.get().runtime.choices
+        origin = f"the sweep file sweep/{choices['sweep']}.yaml" if choices.get("sweep") else None
+        settings = build_settings(resolved, origin=origin)
+        dry_run = settings.sweep is not None and settings.sweep.dry_run
+        if settings.tracking.backend == "mlflow" and not dry_run:
             from klein_sweep.tracking import check_reachable
 
             check_reachable(settings.tracking.uri)  # before anything is written anywhere
@@ -46,6 +51,18 @@ def main(cfg: DictConfig) -> None:
         # One clear line and a non-zero exit; SystemExit passes through Hydra untouched.
         print(f"klein_sweep: error: {redact(str(exc))}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"klein_sweep: interrupted: {interrupted_line(settings)}", file=sys.stderr)
+        sys.exit(130)
+
+
+def interrupted_line(settings: Settings | None) -> str:
+    if settings is None:
+        return "nothing was started"
+    if settings.sweep is not None:
+        return (f"sweep {settings.sweep.name} stopped; the trial in flight is marked interrupted and its MLflow run KILLED. "
+                "The same command resumes the sweep: finished cells are kept, the interrupted one runs again")
+    return "training stopped; its MLflow run is marked KILLED and no LoRA was saved after the last checkpoint. The same command trains again"
 
 
 def run_single_trial(settings: Settings, resolved_yaml: str) -> None:
@@ -58,22 +75,41 @@ def run_single_trial(settings: Settings, resolved_yaml: str) -> None:
         "%d images, %d steps, %.1f repeats per image (batch %d x grad_accum %d)",
         len(plan.examples), plan.steps, plan.repeats_per_image, settings.train.batch_size, settings.train.grad_accum,
     )
-    prepared = prepare_model(plan)
+    evaluating = settings.eval.enabled
+    if evaluating:
+        from klein_sweep.evaluation.evaluator import eval_prompts
+
+        trigger, prior = eval_prompts(settings)
+        prepared = prepare_model(plan, extra_prompts=trigger + prior)
+    else:
+        prepared = prepare_model(plan)
     stats = prepared.data.stats
     log.info("encodings: %d from cache, %d encoded (%.1fs)", stats.hits, stats.misses, prepared.encode_seconds)
 
-    out = Path(settings.output_dir)
+    out = Path(settings.output_dir).absolute()  # printed paths work from any folder
+    settings.output_dir = str(out)
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "config.yaml"
     config_path.write_text(redact(resolved_yaml))  # the artifact never carries a password
 
     tracker = open_tracker(settings, settings.tracking.run_name or default_run_name(plan))
-    status = "FAILED"
+    status, record = "FAILED", None
     try:
         tracker.log_artifact(config_path)
-        outcome = run_training(plan, prepared, tracker)
+        recorder = None
+        if evaluating:  # the same evaluation, collapse rules and metrics as a sweep's trials
+            from klein_sweep.evaluation.policies import EvaluationPolicy
+            from klein_sweep.evaluation.recorder import TrialRecorder
+
+            recorder = TrialRecorder(settings, EvaluationPolicy(settings, prepared, plan.examples), tracker, len(plan.examples))
+        outcome = run_training(plan, prepared, tracker, evaluate=recorder.on_checkpoint if recorder else None)
+        if recorder is not None:
+            record, _ = recorder.finish(outcome, plan.steps, model=prepared.pipe.transformer)
         tracker.set_tags({"klein.status": outcome.status, **({"klein.reason": outcome.reason} if outcome.reason else {})})
         status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
         tracker.finish(status)
 
@@ -83,6 +119,13 @@ def run_single_trial(settings: Settings, resolved_yaml: str) -> None:
         print(f"trained {outcome.steps_done} steps, final loss {outcome.final_loss:.4f}")
         print(f"LoRA: {outcome.lora_path}")
         print(f"ComfyUI / ai-toolkit LoRA: {outcome.lora_path.with_name('klein_lora_comfyui.safetensors')}")
+    if record is not None:
+        best = next((r for r in record.rows if r.step == record.best_step), None)
+        steps = ", ".join(str(r.step) for r in record.rows)
+        print(f"evaluated at steps {steps}: state {record.state}"
+              + (f", best step {best.step} (identity {best.value('id_sim') or float('nan'):.3f}), LoRA in {Path(settings.output_dir) / 'lora_best'}" if best else "")
+              + (f", collapsed at step {record.collapse_step}: {next(r.reason for r in record.rows if r.state == 'collapsed')}"
+                 if record.collapse_step is not None else ""))
     if outcome.run_description:
         print(f"MLflow {outcome.run_description}; artifacts: config.yaml, lora/ (diffusers + ComfyUI files)")
         print("browse with: mlflow ui --backend-store-uri " + redact(settings.tracking.uri))
@@ -98,6 +141,13 @@ def run_sweep_command(settings: Settings, resolved: dict) -> None:
     plan = plan_sweep(settings, resolved)
     for note in plan.notes:
         log.info(note)
+    if settings.sweep.dry_run:
+        from klein_sweep.cost.preview import estimate_sweep_cost, render_cost, write_cost
+
+        cost = estimate_sweep_cost(plan, settings.sweep.cost_gpu, settings.sweep.cost_mfu)
+        print(render_cost(cost, plan.study_name))
+        print(f"written to {write_cost(cost, plan.output_dir.absolute())}; no study or MLflow run was created")
+        return
     log.info("study %s in %s", plan.study_name, redact(plan.storage_url))
     summary = run_sweep(plan)
     if settings.sweep.role == "prepare":

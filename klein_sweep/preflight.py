@@ -105,13 +105,17 @@ def check_environment(settings: Settings) -> None:
         raise ConfigError("model.quantize", m.quantize, "none, or install torchao: pip install 'klein_sweep[quant]'")
 
 
-def check_settings(settings: Settings) -> None:
-    """Everything about one cell's settings that can be known without loading a model."""
+def check_settings(settings: Settings, planning_only: bool = False) -> None:
+    """Everything about one cell's settings that can be known without loading a model.
+    planning_only (a cost preview): the settings and the model's shape, not this machine's
+    devices, packages or metric-network weights, since nothing will run here."""
     if settings.model.is_distilled:
         raise ConfigError("model", settings.model.name, "a base model to train on; distilled models are for evaluation only")
     check_model(settings.model, settings.data.resolution)
     if settings.eval.enabled and settings.eval.resolution:
         check_model(settings.model, settings.eval.resolution, key="eval.resolution")
+    if planning_only:
+        return
     check_environment(settings)
     if settings.eval.enabled:
         from klein_sweep.evaluation.networks import check_networks_available

@@ -57,6 +57,8 @@ class Tracker(Protocol):
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None: ...
 
+    def log_image(self, image, key: str, step: int) -> None: ...
+
     def flush(self) -> None: ...
 
     def finish(self, status: str = "FINISHED") -> None: ...
@@ -72,6 +74,7 @@ class NullTracker:
         self.metrics: list[tuple[int, str, float]] = []
         self.tags: dict[str, Any] = {}
         self.artifacts: list[tuple[str, str | None]] = []
+        self.images: list[tuple[str, int, tuple[int, int]]] = []  # key, step, (width, height)
         self.status: str | None = None
 
     def log_params(self, params):
@@ -85,6 +88,9 @@ class NullTracker:
 
     def log_artifact(self, local_path, artifact_path=None):
         self.artifacts.append((str(local_path), artifact_path))
+
+    def log_image(self, image, key, step):
+        self.images.append((key, int(step), image.size))
 
     def flush(self):
         pass
@@ -166,6 +172,11 @@ class MlflowTracker:
         with self._guard(f"uploading {Path(local_path).name}"):
             self.client.log_artifact(self.run_id, str(local_path), artifact_path)
 
+    def log_image(self, image, key, step):
+        """A PIL image by key and step: MLflow's image viewer compares steps and runs side by side."""
+        with self._guard(f"logging image {key}"):
+            self.client.log_image(self.run_id, image, key=key, step=int(step), synchronous=True)
+
     def finish(self, status="FINISHED"):
         self.flush()
         with self._guard("ending the run"):
@@ -175,13 +186,22 @@ class MlflowTracker:
         return f"run {self.run_id} (experiment id {self.experiment_id}) at {redact(self.client.tracking_uri)}"
 
 
+# MLflow 3's UI opens an experiment by its kind; without the tag it may open in GenAI mode on an
+# empty traces page. A sweep is model training: open on the runs.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def get_or_create_experiment(client, name: str) -> str:
-    """The experiment's id; created if missing. Tolerates another process creating it first."""
+    """The experiment's id; created (as a model-training experiment) if missing. Tolerates
+    another process creating it first."""
     existing = client.get_experiment_by_name(name)
     if existing is not None:
+        if not any(existing.tags.get(k) for k in EXPERIMENT_KIND):  # created by an older version
+            for k, v in EXPERIMENT_KIND.items():
+                client.set_experiment_tag(existing.experiment_id, k, v)
         return existing.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, tags=EXPERIMENT_KIND)
     except Exception:
         existing = client.get_experiment_by_name(name)
         if existing is None:

@@ -40,3 +40,21 @@ def test_repeats_set_steps(tmp_path):
     proc = run_cli("model=tiny", "data=tiny_character", "train.repeats=3", "train.grad_accum=2", "tracking=none", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "8 images, 12 steps, 3.0 repeats per image (batch 1 x grad_accum 2)" in proc.stderr + proc.stdout
+
+
+def test_a_single_trial_with_evaluation_evaluates_at_its_checkpoints(tmp_path):
+    """eval=default on one trial: the sweep's evaluator, metrics and collapse rules, no sweep."""
+    proc = run_cli("model=tiny", "data=tiny_character", "eval=default", "train.steps=4", "train.checkpoint_every=2",
+                   "eval.seeds=[0]", "eval.feature_network=random_conv", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "evaluated at steps 2, 4: state " in proc.stdout
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("klein_sweep").experiment_id])
+    for key in ("eval/id_sim", "eval/kid", "eval/prior_kid", "eval/leak", "eval/is", "eval/collapsed"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [2, 4], key
+    assert run.data.tags["klein.state"] in ("good", "underfit", "overfit", "collapsed")
+    logged = {a.path.split("/")[-1].split("+timestamp")[0] for a in client.list_artifacts(run.info.run_id, "images") if a.path.endswith(".png")}
+    assert logged == {f"samples~{name}+step+{s}" for name in ("trigger", "prior") for s in (2, 4)}  # images by key and step

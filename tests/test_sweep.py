@@ -38,17 +38,42 @@ def test_lr_vs_steps_tracks_parent_children_and_tags(tmp_path):
     assert len(parents) == 1 and len(children) == 2  # one training per lr: steps are checkpoints
     assert parents[0].info.status == "FINISHED" and all(c.info.status == "FINISHED" for c in children)
     assert {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")} >= {"report/report.md", "report/heatmaps.png"}
+    # the UI opens the experiment on its runs, and the parent carries the sweep's answer
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    answer = json.loads((tmp_path / "sweeps" / "lr_vs_steps" / "report.json").read_text())
+    pm, ptags = parents[0].data.metrics, parents[0].data.tags
+    assert pm["sweep/trials_finished"] == 2 and pm["sweep/trials_failed"] == 0
+    # the cost preview's prediction beside what was measured
+    cost = json.loads((tmp_path / "sweeps" / "lr_vs_steps" / "cost.json").read_text())
+    assert pm["cost/predicted_eval_share"] == pytest.approx(cost["eval_share"], abs=1e-3)
+    trials = load_study(tmp_path / "sweeps" / "lr_vs_steps").trials
+    train_s, eval_s = (sum(t.user_attrs[k] for t in trials) for k in ("train_seconds", "eval_seconds"))
+    assert pm["cost/measured_eval_share"] == pytest.approx(eval_s / (train_s + eval_s), rel=1e-6)
+    best = answer["best"]
+    assert pm["sweep/best_value"] == pytest.approx(best["id_sim"]) and pm["sweep/best_step"] == best["step"]
+    assert ptags["klein.best_cell"].startswith(f"lr_{best['setting']['train.lr']:g} at step {best['step']}")
+    collapsed = {p["setting"]["train.lr"]: p["collapse_step"] for p in answer["boundary"] if p["collapse_step"] is not None}
+    assert {k: v for k, v in pm.items() if k.startswith("collapse_step/")} == {f"collapse_step/lr_{lr:g}": s for lr, s in collapsed.items()}
     for child in children:
         tags, rid = child.data.tags, child.info.run_id
         assert tags["mlflow.parentRunId"] == parents[0].info.run_id and "optuna.trial" in tags
         assert tags["klein.state"] in ("underfit", "good", "overfit", "collapsed")
         assert "klein.collapse_step" in tags and "klein.best_step" in tags
+        states = ("underfit", "good", "overfit", "collapsed")
+        assert child.data.metrics["trial/state"] == states.index(tags["klein.state"])
+        assert child.data.metrics["trial/collapsed"] == float(tags["klein.collapse_step"] != "none")
+        if tags["klein.best_step"] != "none":
+            assert child.data.metrics["trial/best_step"] == int(tags["klein.best_step"])
         for key in ("eval/id_sim", "eval/kid", "eval/prior_kid", "eval/fid", "eval/is", "eval/leak"):
             steps = [m.step for m in client.get_metric_history(rid, key)]
             assert steps and set(steps) <= {2, 4}, key
         assert child.data.params["train.lr"] in ("0.0001", "0.0004")
         arts = {a.path for a in client.list_artifacts(rid)}
-        assert {"config.yaml", "samples", "lora"} <= arts or {"samples", "lora"} <= arts
+        assert {"images", "lora"} <= arts
+        # sample grids by key and step (MLflow's image viewer): one key per prompt set, each checkpoint
+        logged = {a.path.split("/")[-1].split("+timestamp")[0] for a in client.list_artifacts(rid, "images") if a.path.endswith(".png")}
+        steps = [m.step for m in client.get_metric_history(rid, "eval/id_sim")]
+        assert logged == {f"samples~{name}+step+{s}" for name in ("trigger", "prior") for s in steps}
         assert [a.path for a in client.list_artifacts(rid, "lora/last")] == [
             "lora/last/klein_lora_comfyui.safetensors", "lora/last/pytorch_lora_weights.safetensors"]
 
@@ -98,7 +123,7 @@ def test_two_workers_never_run_a_cell_twice(tmp_path):
     cells = completed_cells(study)
     assert len(cells) == 5 and len(set(cells)) == 5
     workers_used = {t.user_attrs.get("worker") for t in study.get_trials() if t.user_attrs.get("cell")}
-    assert len(workers_used) >= 1
+    assert len(workers_used) == 2  # both workers took cells: the queue was shared, not run twice
     from optuna.trial import TrialState
 
     ran = [t for t in study.get_trials() if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]

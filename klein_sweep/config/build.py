@@ -29,8 +29,17 @@ BASE_DEFAULTS = "klein_defaults"
 SWEEP_DEFAULTS = "klein_sweep_defaults"
 
 
-def build_settings(cfg: dict[str, Any], output_dir: str = "outputs") -> Settings:
-    """Validate a resolved config dict (``OmegaConf.to_container(cfg, resolve=True)``)."""
+TOP_LEVEL_KEYS = (*GROUPS, "sweep", "output_dir")
+
+
+def build_settings(cfg: dict[str, Any], output_dir: str | None = None, origin: str | None = None) -> Settings:
+    """Validate a resolved config dict (``OmegaConf.to_container(cfg, resolve=True)``). `origin`
+    names the file that set global keys (a sweep file) for the message about an unknown key."""
+    unknown = sorted(set(cfg) - set(TOP_LEVEL_KEYS))
+    if unknown:
+        where = f" (set in {origin} or on the command line)" if origin else ""
+        raise ConfigError(unknown[0], cfg[unknown[0]], f"unknown top-level key{where}; valid top-level keys: {', '.join(TOP_LEVEL_KEYS)}")
+    output_dir = output_dir or cfg.get("output_dir") or "outputs"
     parts = {}
     for group, cls in GROUPS.items():
         values = cfg.get(group) or {}
@@ -42,6 +51,10 @@ def build_settings(cfg: dict[str, Any], output_dir: str = "outputs") -> Settings
         if not isinstance(sweep, dict):
             raise ConfigError("sweep", sweep, "a sweep config (use +sweep=NAME)")
         parts["sweep"] = build_dataclass(SweepConfig, sweep, prefix="sweep")
+    if "data" in parts and "model" in parts and "eval" in parts:
+        from klein_sweep.config.recipes import resolve_eval_recipe
+
+        parts["eval"] = resolve_eval_recipe(parts["eval"], parts["model"], parts["data"])
     return Settings(**parts, output_dir=output_dir)
 
 

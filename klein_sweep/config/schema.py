@@ -93,6 +93,12 @@ class DataConfig:
     resolution: int = 32
     """Square training resolution in pixels: images are resized (short side) and center-cropped.
     Must be a multiple of 2 x the VAE's downscale factor (16 for the real models)."""
+    background: str = "white"
+    """Colour transparent areas (RGBA, LA, palette transparency) are composited on: a colour name
+    or #rrggbb. Most trainers drop the alpha channel, which turns transparent areas black."""
+    max_megapixels: float = 64.0
+    """Larger images are refused with a message (a decompression bomb, or a scan to downscale
+    first); decoding one would take gigabytes of memory."""
     cache_dir: str = ".klein_cache"
     """Where encoded latents and text embeddings are stored, keyed by content hash."""
     use_cache: bool = True
@@ -105,6 +111,13 @@ class DataConfig:
             raise ConfigError("data.trigger", self.trigger, "a non-empty word without spaces")
         check_float("data.caption_dropout", self.caption_dropout, 0.0, 1.0)
         check_int("data.resolution", self.resolution, 8, 4096)
+        check_float("data.max_megapixels", self.max_megapixels, 0.0, 1000.0, low_open=True)
+        try:
+            from PIL import ImageColor
+
+            ImageColor.getrgb(self.background)
+        except ValueError:
+            raise ConfigError("data.background", self.background, "a colour name (white, black, gray) or #rrggbb") from None
 
 
 @dataclass
@@ -263,18 +276,28 @@ class EvalConfig(CollapseThresholds):
     """LoRA strengths each checkpoint is evaluated at. 1.0 (as trained) decides collapse and the
     objective; the others are logged as eval_strength_S/* and the report shows whether a collapsed
     checkpoint is still usable at a lower strength. Each extra scale costs one more evaluation."""
+    recipe: str = "auto"
+    """Which defaults fill the recipe keys left null (resolution, sample_steps, screening_seeds,
+    screening_sample_steps); a value you set always wins. `full`: every checkpoint sampled with
+    every seed at the model's recipe (model.sample_steps) and data.resolution. `economy`: the
+    real-model recipe of ECONOMY_RECIPE (512 px, 20 steps; screening every checkpoint with the
+    first seed at 10 steps, full evaluation of the deciding checkpoints): evaluation at about a
+    quarter of a 9B / 4B sweep's FLOPs instead of ~80% (docs/evaluation_cost.md). `auto`:
+    economy for real (pretrained) models, full for the mini and tiny worlds, where sampling is
+    cheap."""
     sample_steps: Optional[int] = None
-    """Denoising steps; null = the model's recipe (model.sample_steps)."""
+    """Denoising steps; null = the recipe's (model.sample_steps with recipe full)."""
     guidance_scale: Optional[float] = None
     """CFG scale; null = the model's recipe (model.guidance_scale)."""
     resolution: Optional[int] = None
-    """Sample resolution; null = data.resolution."""
+    """Sample resolution; null = the recipe's (data.resolution with recipe full)."""
     batch_size: int = 64
     """Images generated per pipeline call."""
     feature_network: str = "auto"
     """Feature network for KID/FID/IS: `mini` (trained on the mini world: attribute heads +
     identity embedding), `random_conv` (a fixed random conv net: generic low-level features, for
-    the random tiny model), `inception` (FID's InceptionV3), `dinov2`, `clip`; `auto`: mini for
+    the random tiny model), `inception` (FID's InceptionV3), `dinov2`, `clip` (embeddings without a
+    class head: the Inception Score is then not computed, eval/is is absent); `auto`: mini for
     model=mini, random_conv for tiny, inception for the real models."""
     identity_network: str = "auto"
     """Network whose embedding cosine is identity similarity: `same` (the feature network),
@@ -318,6 +341,7 @@ class EvalConfig(CollapseThresholds):
         if unknown:
             raise ConfigError(f"eval.network_paths.{sorted(unknown)[0]}", "...", f"one of {', '.join(METRIC_NETWORK_PATHS)}")
         check_int("eval.batch_size", self.batch_size, 1, 4096)
+        check_choice("eval.recipe", self.recipe, ("auto", "full", "economy"))
         if self.sample_steps is not None:
             check_int("eval.sample_steps", self.sample_steps, 1, 1000)
         if self.screening_sample_steps is not None:

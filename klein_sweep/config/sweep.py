@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from klein_sweep.config.checks import build_dataclass, check_choice, check_int
+from klein_sweep.config.checks import build_dataclass, check_choice, check_float, check_int
 from klein_sweep.errors import ConfigError
 
 SAMPLERS = ("grid", "tpe", "random")
@@ -68,6 +68,18 @@ class SweepConfig:
     """run: prepare, work, write the report (one process, or several on one machine) |
     prepare: create the study, queue the grid, create the MLflow experiment and parent run, exit |
     work: take trials from a prepared study (the many-workers recipe: prepare once, then N work)."""
+    dry_run: bool = False
+    """Plan the sweep, print its cost preview (trainings, steps, checkpoints, train / eval PFLOP,
+    eval share, predicted GPU hours), write sweeps/<name>/cost.json and exit: no study, no MLflow
+    run, no GPU, nothing downloaded."""
+    cost_gpu: str = "H100"
+    """The GPU the cost preview predicts hours on: H100, H200, A100, L40S, RTX 4090, RTX 5090."""
+    cost_mfu: float = 0.45
+    """The model FLOP utilisation the cost preview assumes (measured: benchmarks/RESULTS.md)."""
+    retry_failed: bool = False
+    """Queue again the grid cells whose trial failed for a reason of its own (a diverging
+    setting, a bug since fixed). Off: a failed cell stays failed. Cells interrupted by the
+    machine (Ctrl-C, a full disk, a lost store) always run again without it."""
     worker: Optional[int] = None
     """A label only: lets a launcher array start N identical workers (hydra -m sweep.worker=0,1,2)."""
 
@@ -99,6 +111,10 @@ class SweepConfig:
             if "train.steps" in self.params:
                 raise ConfigError("sweep.params.train.steps", "...", "not swept with step_axis=repeats (repeats set the steps)")
         check_int("sweep.heartbeat_seconds", self.heartbeat_seconds, 1, 3600)
+        check_float("sweep.cost_mfu", self.cost_mfu, 0.0, 1.0, low_open=True)
+        from klein_sweep.cost.gpus import peak_tflops
+
+        peak_tflops(self.cost_gpu)
         check_choice("sweep.role", self.role, SWEEP_ROLES)
 
 

@@ -14,7 +14,7 @@ import torch
 from klein_sweep.config import Settings
 from klein_sweep.evaluation import metrics as M
 from klein_sweep.evaluation.networks import build_feature_network, resolve_networks
-from klein_sweep.evaluation.sampling import SampleRecipe, generate, image_grid
+from klein_sweep.evaluation.sampling import SampleRecipe, generate, labelled_grid
 from klein_sweep.record import BaseStats
 
 
@@ -76,11 +76,13 @@ class CheckpointEvaluator:
         trigger, prior = eval_prompts(settings)
         seeds = [int(s) for s in settings.eval.seeds]
         self.prior_prompts = [p for p in prior for _ in seeds]  # in the order the samples come
+        self.grid_rows = {"trigger": trigger, "prior": prior}  # the sample grids' row labels
         self.trigger = self._prompt_set(encoded, trigger, seeds)
         self.prior = self._prompt_set(encoded, prior, seeds)
         self.negative = encoded.empty_prompt_embeds
-        self.reference = torch.stack([(load_image(ex.image_path, self.recipe.resolution) + 1) / 2 for ex in examples])
+        self.reference = torch.stack([(load_image(ex.image_path, self.recipe.resolution, settings.data.background) + 1) / 2 for ex in examples])
         self.n_seeds = len(seeds)
+        self.seeds = seeds
         self.base: BaseReference | None = None
 
     @staticmethod
@@ -109,9 +111,9 @@ class CheckpointEvaluator:
         )
         return self.base
 
-    def evaluate(self) -> tuple[dict[str, float], "PIL.Image.Image"]:  # noqa: F821
-        """Metric row (keys without the `eval/` prefix) and a sample grid, for the pipeline's
-        current transformer (with its LoRA)."""
+    def evaluate(self) -> tuple[dict[str, float], dict[str, "PIL.Image.Image"]]:  # noqa: F821
+        """Metric row (keys without the `eval/` prefix) and the labelled sample grids by prompt
+        set ("trigger", "prior"), for the pipeline's current transformer (with its LoRA)."""
         assert self.base is not None, "compute_base() first"
         e = self.settings.eval
         trig, prior = self._sample(self.trigger), self._sample(self.prior)
@@ -125,13 +127,15 @@ class CheckpointEvaluator:
             "kid": kid_mean,
             "kid_std": kid_std,
             "fid": M.fid(self.net, self.reference, clean_trig),
-            "is": M.inception_score(self.net, clean_trig),
             "prior_kid": prior_kid,
             "leak": M.identity_similarity(self.id_net, clean_prior, self.reference),
             "sample_sim": M.mean_pairwise_similarity(self.id_net, clean_trig),
             **sanity,
         }
+        if self.net.has_class_head:  # IS needs class logits: absent with DINOv2 / CLIP features
+            row["is"] = M.inception_score(self.net, clean_trig)
         if self.clip is not None:
             row["clip_t"] = self.clip.text_similarity(clean_prior, self.prior_prompts)
-        grid = image_grid(torch.cat([clean_trig, clean_prior]), ncol=self.n_seeds * 2)
-        return row, grid
+        grids = {name: labelled_grid(images, self.grid_rows[name], self.seeds)
+                 for name, images in (("trigger", clean_trig), ("prior", clean_prior))}
+        return row, grids

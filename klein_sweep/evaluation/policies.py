@@ -31,7 +31,7 @@ class CheckpointResult:
     """One checkpoint's evaluation: the metrics at strength 1.0 and what the policies added."""
 
     metrics: dict[str, float]
-    grid: "PIL.Image.Image"  # noqa: F821 - the samples at strength 1.0
+    grids: dict[str, "PIL.Image.Image"]  # noqa: F821 - the samples at strength 1.0 by prompt set
     scales: dict[str, Judged] = field(default_factory=dict)
     distilled: dict[str, float] | None = None
     seconds: float = 0.0
@@ -98,8 +98,8 @@ class TrialEvaluation:
 
         p = self.policy
         start = time.perf_counter()
-        metrics, grid = p.evaluator.evaluate()
-        result = CheckpointResult(metrics=metrics, grid=grid)
+        metrics, grids = p.evaluator.evaluate()
+        result = CheckpointResult(metrics=metrics, grids=grids)
         for strength in p.scales:  # the same samples at a weaker (or stronger) LoRA
             with lora_strength(model, strength):
                 at_strength, _ = p.evaluator.evaluate()

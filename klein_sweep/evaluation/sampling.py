@@ -63,6 +63,36 @@ def _initial_latents(pipe, generators, resolution: int) -> torch.Tensor:
     return torch.stack([torch.randn((channels, side, side), generator=g) for g in generators])
 
 
+def labelled_grid(images: torch.Tensor, prompts: list[str], seeds: list, min_tile: int = 128) -> "PIL.Image.Image":  # noqa: F821
+    """(len(prompts) * len(seeds), 3, H, W) in [0, 1], prompt-major -> one PIL image: a row per
+    prompt (labelled on the left), a column per seed (labelled on top). Tiles are enlarged by an
+    integer factor with nearest neighbour to at least `min_tile` px, so a 32-px sample stays
+    crisp and readable in a browser."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    n, _, h, w = images.shape
+    if n != len(prompts) * len(seeds):
+        raise ValueError(f"{n} images for {len(prompts)} prompts x {len(seeds)} seeds")
+    factor = max(1, -(-min_tile // max(h, w)))
+    tile_h, tile_w, pad = h * factor, w * factor, 4
+    font = ImageFont.load_default(size=max(12, min(tile_h // 8, 28)))
+    labels = [p if len(p) <= 48 else p[:45] + "..." for p in prompts]
+    label_w = int(max(font.getlength(t) for t in labels)) + 2 * pad
+    head_h = font.size + 2 * pad
+    canvas = Image.new("RGB", (label_w + len(seeds) * (tile_w + pad) + pad, head_h + len(prompts) * (tile_h + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    array = (images.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
+    for c, seed in enumerate(seeds):
+        draw.text((label_w + c * (tile_w + pad) + pad, pad), f"seed {seed}", fill="black", font=font)
+    for r, label in enumerate(labels):
+        y = head_h + r * (tile_h + pad) + pad
+        draw.text((pad, y + tile_h // 2 - font.size // 2), label, fill="black", font=font)
+        for c in range(len(seeds)):
+            tile = Image.fromarray(array[r * len(seeds) + c]).resize((tile_w, tile_h), Image.NEAREST)
+            canvas.paste(tile, (label_w + c * (tile_w + pad) + pad, y))
+    return canvas
+
+
 def image_grid(images: torch.Tensor, ncol: int) -> "PIL.Image.Image":  # noqa: F821
     """(N, 3, H, W) in [0, 1] -> one PIL image, `ncol` images a row."""
     from PIL import Image

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from klein_sweep.fileio import replaced_atomically
 from klein_sweep.redaction import redact
+from klein_sweep.report.answer import sweep_answer
 from klein_sweep.report.markdown import render_markdown
 from klein_sweep.report.plots import plot_heatmaps
 from klein_sweep.report.results import best_cell, boundary_points, build_table, load_results, loss_quality_correlation
@@ -42,6 +43,7 @@ def _as_json(results, axis, columns, labels, cells, points, fit, best, corr) -> 
         "best": {"trial": best[0].number, "setting": best[0].setting, **best[1].to_json()} if best else None,
         "loss_vs_quality_spearman": corr,
         "failed": [{"trial": n, "cell": c, "reason": r} for n, c, r in results.failed],
+        "answer": dict(zip(("metrics", "tags"), sweep_answer(results, points, fit, best))),  # the parent run's
     }
 
 

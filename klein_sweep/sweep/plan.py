@@ -4,6 +4,7 @@ one training, and every cell's settings checked before anything is written."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
 from dataclasses import dataclass, field
@@ -59,7 +60,7 @@ def plan_sweep(settings: Settings, resolved_cfg: dict) -> SweepPlan:
     cells = _grid_cells(params) if sweep.sampler == "grid" else []
     if sweep.sampler == "grid" and not cells:
         raise ConfigError("sweep.params", sweep.params, "a grid with at least one cell")
-    check_every_setting(base_cfg, cells or search_corners(sweep), step_values)
+    check_every_setting(base_cfg, cells or search_corners(sweep), step_values, planning_only=sweep.dry_run)
     output_dir = Path(sweep.output_dir or Path("sweeps") / sweep.name)
     storage_url = sweep.storage or f"sqlite:///{output_dir / 'study.db'}"
     n_saved = len(cells) * (len(step_values) - 1) if steps_are_checkpoints else 0
@@ -68,7 +69,7 @@ def plan_sweep(settings: Settings, resolved_cfg: dict) -> SweepPlan:
     )
 
 
-def check_every_setting(base_cfg: dict, cells: list[dict], step_values: list[int]) -> None:
+def check_every_setting(base_cfg: dict, cells: list[dict], step_values: list[int], planning_only: bool = False) -> None:
     """Every cell must make valid settings that fit the model, the environment and the data:
     fail now, not after hours of other cells (and not after the study exists)."""
     from klein_sweep.data.folder import load_examples
@@ -77,7 +78,7 @@ def check_every_setting(base_cfg: dict, cells: list[dict], step_values: list[int
     seen_data = set()
     for cell in cells or [{}]:
         cell_settings = apply_params(base_cfg, cell, output_dir="")
-        check_settings(cell_settings)
+        check_settings(cell_settings, planning_only)
         if repr(cell_settings.data) not in seen_data:  # each resolution against the images' sizes
             seen_data.add(repr(cell_settings.data))
             load_examples(cell_settings.data)
@@ -124,8 +125,9 @@ def cell_key(params: dict) -> str:
     return json.dumps({k: params[k] for k in sorted(params)}, sort_keys=True, default=str)
 
 
-# Paths that may differ between the machines of one study (mount points), not its settings.
-MACHINE_LOCAL_KEYS = ("data.path", "data.cache_dir", "model.path")
+# Paths that may differ between the machines of one study (mount points), and the single-trial
+# run folder (a timestamp), not the study's settings.
+MACHINE_LOCAL_KEYS = ("data.path", "data.cache_dir", "model.path", "output_dir")
 
 
 def plan_fingerprint(plan: SweepPlan) -> dict[str, Any]:
@@ -160,3 +162,21 @@ def plan_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[st
         if a != b:
             lines.append(f"{key}: study {a!r}, this command {b!r}")
     return lines
+
+
+def trial_plan(settings: Settings, plan: SweepPlan):
+    """Steps and checkpoints of one trial: to the last step value when steps are checkpoints;
+    at the repeats values converted to this trial's steps on the repeats axis."""
+    from klein_sweep.data.folder import load_examples, steps_for_repeats
+    from klein_sweep.training.trial import resolve_plan
+
+    t = settings.train
+    if plan.steps_are_checkpoints:
+        settings.train = dataclasses.replace(t, steps=plan.step_values[-1], repeats=None)
+        return resolve_plan(settings, extra_checkpoints=plan.step_values)
+    if plan.sweep.step_axis == "repeats":
+        n = len(load_examples(settings.data))
+        marks = [steps_for_repeats(r, n, t.batch_size, t.grad_accum) for r in plan.sweep.repeats_values]
+        settings.train = dataclasses.replace(t, steps=max(marks), repeats=None)
+        return resolve_plan(settings, extra_checkpoints=marks)
+    return resolve_plan(settings)

@@ -13,7 +13,7 @@ recorded with its reason and the worker goes on.
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import logging
 import time
 import traceback
@@ -22,10 +22,12 @@ from pathlib import Path
 
 from klein_sweep.config import Settings
 from klein_sweep.errors import KleinSweepError
-from klein_sweep.record import Attr, StudyAttr, StudyMeta
+from klein_sweep.evaluation.recorder import TrialRecorder
+from klein_sweep.interrupts import raise_if_requested
+from klein_sweep.record import Attr, StudyAttr, StudyMeta, encode_trial
 from klein_sweep.redaction import redact
-from klein_sweep.sweep.callbacks import TrialRecorder
-from klein_sweep.sweep.plan import SweepPlan, apply_params, plan_differences, plan_fingerprint, plan_hash
+from klein_sweep.sweep.faults import MachineFault, is_out_of_memory, machine_fault, release_memory
+from klein_sweep.sweep.plan import SweepPlan, apply_params, plan_differences, plan_fingerprint, plan_hash, trial_plan
 from klein_sweep.sweep.queue import next_trial, sync_grid_queue
 from klein_sweep.sweep.study import Heartbeat, open_study, recover_interrupted
 
@@ -70,9 +72,20 @@ def run_sweep(plan: SweepPlan, progress: bool = True) -> SweepSummary:
     if role == "prepare":
         return summary
     shared = SharedModel()
-    while (trial := next_trial(study, plan)) is not None:
-        ok = run_sweep_trial(study, trial, plan, shared, parent, progress)
-        (summary.ran if ok else summary.failed).append(trial.number)
+    try:
+        while (trial := take_next_trial(study, plan)) is not None:
+            ok = run_sweep_trial(study, trial, plan, shared, parent, progress)
+            (summary.ran if ok else summary.failed).append(trial.number)
+            raise_if_requested()  # a Ctrl-C swallowed inside a library callback still stops here
+    except KeyboardInterrupt:
+        close_parent_run(study, parent, "KILLED")
+        raise
+    except MachineFault as exc:
+        from klein_sweep.tracking import TrackingError
+
+        if not isinstance(exc.__cause__, TrackingError):  # a lost tracking store cannot be told either
+            close_parent_run(study, parent, "KILLED")
+        raise
     from klein_sweep.report import write_report
 
     summary.report_dir = write_report(plan.output_dir, study=study)
@@ -80,14 +93,45 @@ def run_sweep(plan: SweepPlan, progress: bool = True) -> SweepSummary:
         for path in sorted(summary.report_dir.iterdir()):
             if path.is_file() and path.suffix in (".md", ".png", ".json") and not path.name.startswith("."):
                 parent.log_artifact(path, "report")
-        from optuna.trial import TrialState
-
-        # The worker that finds nothing queued or running closes the study's run.
-        if not study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING)):
-            parent.finish("FINISHED")
-        else:
-            parent.flush()
+        # The answer as metrics and tags: sortable and plottable in the runs table.
+        answer = json.loads((summary.report_dir / "report.json").read_text())["answer"]
+        parent.log_metrics(answer["metrics"], step=0)
+        parent.set_tags(answer["tags"])
+        close_parent_run(study, parent, "FINISHED")
     return summary
+
+
+def take_next_trial(study, plan: SweepPlan):
+    """next_trial, with a storage lost between trials reported as the machine fault it is."""
+    try:
+        return next_trial(study, plan)
+    except KleinSweepError:
+        raise
+    except Exception as exc:
+        fault = machine_fault(exc)
+        if fault is None:
+            raise
+        raise MachineFault(f"{fault}; no trial was running: fix this and run the same command again") from exc
+
+
+def close_parent_run(study, parent, status: str) -> None:
+    """The worker that finds no other trial queued or running closes the study's MLflow run
+    (FINISHED after the last trial; KILLED when it stops on Ctrl-C or a machine fault, so the
+    run is never left RUNNING). Other workers still at work leave it open for the last one."""
+    from optuna.trial import TrialState
+
+    from klein_sweep.tracking import TrackingError
+
+    if parent is None:
+        return
+    try:
+        busy = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,) if status == "KILLED" else (TrialState.WAITING, TrialState.RUNNING))
+    except Exception:  # the storage itself is the fault: close the run anyway
+        busy = []
+    try:
+        parent.finish(status) if not busy else parent.flush()
+    except TrackingError as exc:  # the tracking store is the fault; the study keeps the truth
+        log.warning("could not close the MLflow parent run: %s", exc)
 
 
 def study_meta(plan: SweepPlan) -> StudyMeta:
@@ -112,7 +156,7 @@ def prepare_study(plan: SweepPlan):
     if recovered:
         log.info("trials %s were interrupted; their cells run again", recovered)
     if plan.sweep.sampler == "grid":
-        queued = sync_grid_queue(study, plan.cells)
+        queued = sync_grid_queue(study, plan.cells, retry_failed=plan.sweep.retry_failed)
         log.info("grid: %d cells, %d queued now", len(plan.cells), queued)
     study.set_user_attr(StudyAttr.META, meta.to_json())
     return study, open_parent_run(study, plan)
@@ -177,7 +221,21 @@ def open_parent_run(study, plan: SweepPlan):
         "sweep.params": {k: (v.values if v.type == "categorical" else [v.low, v.high]) for k, v in s.params.items()},
     })
     study.set_user_attr(StudyAttr.PARENT_RUN, parent.run_id)
+    log_cost_prediction(parent, plan)
     return parent
+
+
+def log_cost_prediction(parent, plan: SweepPlan) -> None:
+    """The cost preview (what sweep.dry_run=true prints) on the parent run and in cost.json; the
+    report adds the measured seconds beside it when the sweep ends."""
+    from klein_sweep.cost.preview import estimate_sweep_cost, write_cost
+
+    s = plan.sweep
+    cost = estimate_sweep_cost(plan, s.cost_gpu, s.cost_mfu)
+    write_cost(cost, plan.output_dir)
+    parent.log_metrics({"cost/predicted_train_pflop": cost.train_pflop, "cost/predicted_eval_pflop": cost.eval_pflop,
+                        "cost/predicted_eval_share": cost.eval_share, "cost/predicted_gpu_hours": cost.gpu_hours}, step=0)
+    parent.log_params({"sweep.cost_gpu": s.cost_gpu, "sweep.cost_mfu": s.cost_mfu})
 
 
 def run_sweep_trial(study, trial, plan: SweepPlan, shared: SharedModel, parent, progress: bool) -> bool:
@@ -199,29 +257,36 @@ def run_sweep_trial(study, trial, plan: SweepPlan, shared: SharedModel, parent, 
             tracker = open_child_run(settings, plan, trial, params, parent)
             if tracker.run_id:
                 trial.set_user_attr(Attr.RUN_ID, tracker.run_id)
-            recorder = TrialRecorder(trial, plan, settings, policy, tracker, n_images=len(plan_t.examples))
+            recorder = TrialRecorder(settings, policy, tracker, n_images=len(plan_t.examples), objective=plan.sweep.objective,
+                                     direction=plan.sweep.direction, report=trial.report)
             start = time.perf_counter()
             outcome = run_training(
                 plan_t, prepared, tracker, evaluate=recorder.on_checkpoint, progress=progress, lora_artifact_path="lora/last"
             )
-            state, value = recorder.finish(outcome, plan_t.steps, model=transformer, seconds=time.perf_counter() - start)
+            record, value = recorder.finish(outcome, plan_t.steps, model=transformer, seconds=time.perf_counter() - start)
+            for key, v in encode_trial(record).items():
+                trial.set_user_attr(key, v)
         # MLflow first: a trial counts as done in the study only once its run is complete.
         tracker.finish("FINISHED")
         if value is None:
             study.tell(trial, state=TrialState.PRUNED)
         else:
             study.tell(trial, value)
-        log.info("trial %d %s: %s", trial.number, params, state)
+        log.info("trial %d %s: %s", trial.number, params, record.state)
         return True
     except KeyboardInterrupt:
         _fail(study, trial, tracker, None, interrupted=True)
         raise
-    except TrackingError as exc:
-        # Not the cell's fault: the trial is marked interrupted (its cell runs again on the next
-        # start) and this worker stops rather than fail every remaining cell the same way.
-        _fail(study, trial, None, None, interrupted=True)
-        raise TrackingError(f"{exc}; trial {trial.number} is marked interrupted and its cell runs again when the sweep restarts") from exc
     except Exception as exc:
+        fault = machine_fault(exc)
+        if fault is not None:
+            # Not the cell's fault: the trial is marked interrupted (its cell runs again on the
+            # next start) and this worker stops rather than fail every remaining cell the same way.
+            _fail(study, trial, None if isinstance(exc, TrackingError) else tracker, None, interrupted=True)
+            raise MachineFault(
+                f"{fault}; trial {trial.number} is marked interrupted: fix this and run the same command again, its cell runs again"
+            ) from exc
+
         reason = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500]
         if is_out_of_memory(exc):
             reason = f"out of memory ({reason}); lower train.rank, data.resolution or train.batch_size, or enable memory savers"
@@ -237,32 +302,21 @@ def run_sweep_trial(study, trial, plan: SweepPlan, shared: SharedModel, parent, 
         release_memory()
 
 
-def is_out_of_memory(exc: BaseException) -> bool:
-    import torch
-
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))
-
-
-def release_memory() -> None:
-    """After a trial (above all a failed one, whose optimizer state and activations the
-    traceback kept alive until now): collect, and hand cached CUDA blocks back."""
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def _fail(study, trial, tracker, reason: str | None, interrupted: bool = False):
     from optuna.trial import TrialState
 
-    if reason:
-        trial.set_user_attr(Attr.FAILURE, reason)
-    if interrupted:
-        trial.set_user_attr(Attr.INTERRUPTED, True)
-    study.tell(trial, state=TrialState.FAIL)
+    try:
+        if reason:
+            trial.set_user_attr(Attr.FAILURE, reason)
+        if interrupted:
+            trial.set_user_attr(Attr.INTERRUPTED, True)
+        study.tell(trial, state=TrialState.FAIL)
+    except Exception as exc:
+        if not interrupted:
+            raise
+        # The storage is the fault: the trial stays RUNNING with a silent heartbeat, which the
+        # next start finds (dead process or stale heartbeat) and runs again.
+        log.warning("could not mark trial %d interrupted in the study: %s", trial.number, redact(str(exc).splitlines()[0][:200]))
     if tracker is not None:
         from klein_sweep.tracking import TrackingError
 
@@ -287,24 +341,6 @@ def suggest(trial, plan: SweepPlan) -> dict:
             params[key] = trial.suggest_float(key, spec.low, spec.high, step=spec.step, log=spec.log)
     trial.set_user_attr(Attr.CELL, params)
     return params
-
-
-def trial_plan(settings: Settings, plan: SweepPlan):
-    """Steps and checkpoints of one trial: to the last step value when steps are checkpoints;
-    at the repeats values converted to this trial's steps on the repeats axis."""
-    from klein_sweep.data.folder import load_examples, steps_for_repeats
-    from klein_sweep.training.trial import resolve_plan
-
-    t = settings.train
-    if plan.steps_are_checkpoints:
-        settings.train = dataclasses.replace(t, steps=plan.step_values[-1], repeats=None)
-        return resolve_plan(settings, extra_checkpoints=plan.step_values)
-    if plan.sweep.step_axis == "repeats":
-        n = len(load_examples(settings.data))
-        marks = [steps_for_repeats(r, n, t.batch_size, t.grad_accum) for r in plan.sweep.repeats_values]
-        settings.train = dataclasses.replace(t, steps=max(marks), repeats=None)
-        return resolve_plan(settings, extra_checkpoints=marks)
-    return resolve_plan(settings)
 
 
 def open_child_run(settings: Settings, plan: SweepPlan, trial, params: dict, parent):

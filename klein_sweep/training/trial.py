@@ -91,6 +91,7 @@ def prepare_model(plan: TrialPlan, extra_prompts: list[str] = ()) -> PreparedMod
         resolution=s.data.resolution,
         text_layers=tuple(s.model.text_encoder_layers),
         max_sequence_length=s.model.max_sequence_length,
+        background=s.data.background,
     )
     cache = EncodingCache(s.data.cache_dir if s.data.use_cache else None)
     start = time.perf_counter()

@@ -1,0 +1,38 @@
+"""The evaluation recipe's defaults, resolved once when the settings are built: the keys a user
+left null are filled from the recipe (eval.recipe), so MLflow params, the study's plan and the
+cost preview all see the values that will run.
+
+Why an economy recipe for real models: at the model's own recipe (50 steps, CFG 4, 1024 px, 48
+samples at every checkpoint) evaluation is ~80% of a 9B or 4B lr_vs_steps sweep's FLOPs. Each
+lever below, counted by the cost preview on the 9B architecture (docs/evaluation_cost.md):
+  resolution 512             a forward at 512 px is 0.30x one at 1024 px (22.8 vs 75.8 TFLOP);
+                             the metric networks look at 224-299 px anyway
+  sample_steps 20            0.40x of 50 steps, Klein's flow-matching schedule with its shift
+  screening_seeds [first]    every checkpoint with one seed (0.25x of four) ...
+  screening_sample_steps 10  ... at 10 steps; the full evaluation only where it decides
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+ECONOMY_RECIPE = {"resolution": 512, "sample_steps": 20, "screening_seeds": 1, "screening_sample_steps": 10}
+
+
+def resolve_eval_recipe(eval_cfg, model, data):
+    """EvalConfig with its null recipe keys filled for this model (explicit values win)."""
+    recipe = eval_cfg.recipe
+    if recipe == "auto":
+        recipe = "economy" if model.kind == "pretrained" else "full"
+    if recipe == "full":
+        return eval_cfg
+    r = ECONOMY_RECIPE
+    filled = {
+        "resolution": eval_cfg.resolution or min(r["resolution"], data.resolution),
+        "sample_steps": eval_cfg.sample_steps or r["sample_steps"],
+        "screening_seeds": eval_cfg.screening_seeds if eval_cfg.screening_seeds is not None else list(eval_cfg.seeds[: r["screening_seeds"]]),
+        "screening_sample_steps": eval_cfg.screening_sample_steps or r["screening_sample_steps"],
+    }
+    if filled["screening_seeds"] == []:  # screening_seeds: [] switches screening off
+        filled["screening_seeds"], filled["screening_sample_steps"] = None, None
+    return dataclasses.replace(eval_cfg, **filled)

@@ -1,0 +1,155 @@
+"""The cost preview of a sweep: trainings, optimizer steps, checkpoints evaluated, train and
+eval PFLOP, the evaluation's share and the predicted hours on a named GPU at a stated model
+FLOP utilisation. `sweep.dry_run=true` prints it and writes sweeps/<name>/cost.json; every real
+sweep logs it to its parent run.
+
+What is counted (transformer FLOPs, see flops.py):
+  training     steps x grad_accum micro-steps, each forward + backward at train.batch_size
+               (+ one forward more with gradient checkpointing: the recomputation)
+  evaluation   at each checkpoint: (trigger + prior prompts) x seeds x LoRA strengths samples,
+               each sample_steps forwards, x2 with classifier-free guidance (guidance_scale > 1);
+               with screening, the screening seeds / steps at every checkpoint and the full
+               evaluation at 2 deciding checkpoints per trial; with eval.also_distilled, the
+               same prompts on the distilled recipe (4 steps, no CFG) at every checkpoint
+  reference    the base model's samples once per sweep: trigger + prior + prior at other seeds
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from klein_sweep.config import Settings
+from klein_sweep.cost.flops import model_flops
+from klein_sweep.cost.gpus import peak_tflops
+from klein_sweep.sweep.plan import SweepPlan, apply_params, search_corners, trial_plan
+
+# Full evaluations per trial under screening: the two best screened checkpoints (two more
+# around a collapse when there is one; the preview cannot know, so it counts the common case).
+FULL_EVALS_WITH_SCREENING = 2
+
+
+@dataclass
+class SweepCost:
+    model: str
+    trainings: int
+    optimizer_steps: int
+    checkpoints_evaluated: int
+    samples: int
+    train_pflop: float
+    eval_pflop: float
+    gpu: str
+    mfu: float
+
+    @property
+    def eval_share(self) -> float:
+        total = self.train_pflop + self.eval_pflop
+        return self.eval_pflop / total if total else 0.0
+
+    @property
+    def gpu_hours(self) -> float:
+        return (self.train_pflop + self.eval_pflop) * 1e15 / (peak_tflops(self.gpu) * 1e12 * self.mfu) / 3600
+
+    def to_json(self) -> dict:
+        return {**dataclasses.asdict(self), "eval_share": round(self.eval_share, 4), "gpu_hours": round(self.gpu_hours, 4),
+                "peak_tflops": peak_tflops(self.gpu)}
+
+
+def evaluation_flops(settings: Settings, checkpoints: int) -> tuple[float, int]:
+    """(FLOPs, samples) of evaluating one trial's `checkpoints` checkpoints."""
+    from klein_sweep.evaluation.evaluator import sample_recipe
+    from klein_sweep.models.registry import DISTILLED_STEPS
+
+    e = settings.eval
+    recipe = sample_recipe(settings)
+    forward = model_flops(settings, recipe.resolution).forward
+    prompts = len(e.trigger_prompts) + len(e.prior_prompts)
+    cfg = 2 if recipe.guidance_scale > 1 else 1
+    strengths = len(e.lora_scales)
+
+    def evaluations(seeds: int, steps: int, times: int) -> tuple[float, int]:
+        n = prompts * seeds * strengths * times
+        return n * steps * cfg * forward, n
+
+    if e.screening_seeds:
+        screen = evaluations(len(e.screening_seeds), e.screening_sample_steps or recipe.steps, checkpoints)
+        full = evaluations(len(e.seeds), recipe.steps, min(FULL_EVALS_WITH_SCREENING, checkpoints))
+        flops, samples = screen[0] + full[0], screen[1] + full[1]
+    else:
+        flops, samples = evaluations(len(e.seeds), recipe.steps, checkpoints)
+    if e.also_distilled:
+        n = prompts * len(e.seeds) * checkpoints
+        flops, samples = flops + n * DISTILLED_STEPS * forward, samples + n
+    return flops, samples
+
+
+def reference_flops(settings: Settings) -> tuple[float, int]:
+    """The base model's own samples, drawn once: trigger, prior, and prior at other seeds."""
+    from klein_sweep.evaluation.evaluator import sample_recipe
+
+    e = settings.eval
+    recipe = sample_recipe(settings)
+    n = (len(e.trigger_prompts) + 2 * len(e.prior_prompts)) * len(e.seeds)
+    cfg = 2 if recipe.guidance_scale > 1 else 1
+    return n * recipe.steps * cfg * model_flops(settings, recipe.resolution).forward, n
+
+
+def estimate_sweep_cost(plan: SweepPlan, gpu: str = "H100", mfu: float = 0.45) -> SweepCost:
+    """Count every trial the plan will run (a search: n_trials at the mean of its corners)."""
+    peak_tflops(gpu)  # an unknown GPU is refused before anything is counted
+    cells = plan.cells or search_corners(plan.sweep)
+    weight = 1.0 if plan.cells else (plan.sweep.n_trials or 1) / len(cells)
+    trainings = steps_total = checkpoints_total = samples_total = 0.0
+    train_flops = eval_flops = 0.0
+    settings = None
+    for cell in cells:
+        settings = apply_params(plan.base_cfg, cell, output_dir=str(plan.output_dir))
+        t_plan = trial_plan(settings, plan)
+        t = t_plan.settings.train
+        flops = model_flops(t_plan.settings, t_plan.settings.data.resolution)
+        micro = flops.train_step + (flops.forward * t.batch_size if t.gradient_checkpointing else 0.0)
+        checkpoints = len(t_plan.checkpoints) if settings.eval.enabled else 0
+        e_flops, e_samples = evaluation_flops(t_plan.settings, checkpoints) if checkpoints else (0.0, 0)
+        trainings += weight
+        steps_total += weight * t_plan.steps
+        checkpoints_total += weight * checkpoints
+        samples_total += weight * e_samples
+        train_flops += weight * t_plan.steps * t.grad_accum * micro
+        eval_flops += weight * e_flops
+    if settings is not None and settings.eval.enabled:
+        ref_flops, ref_samples = reference_flops(settings)
+        eval_flops += ref_flops
+        samples_total += ref_samples
+    return SweepCost(model=settings.model.name if settings else "", trainings=round(trainings), optimizer_steps=round(steps_total),
+                     checkpoints_evaluated=round(checkpoints_total), samples=round(samples_total),
+                     train_pflop=train_flops / 1e15, eval_pflop=eval_flops / 1e15, gpu=gpu, mfu=mfu)
+
+
+def render_cost(cost: SweepCost, name: str) -> str:
+    rows = [
+        ("model", cost.model),
+        ("trainings", f"{cost.trainings}"),
+        ("optimizer steps", f"{cost.optimizer_steps:,}"),
+        ("checkpoints evaluated", f"{cost.checkpoints_evaluated}"),
+        ("samples drawn", f"{cost.samples:,}"),
+        ("train PFLOP", f"{cost.train_pflop:,.1f}"),
+        ("eval PFLOP", f"{cost.eval_pflop:,.1f}"),
+        ("eval share", f"{cost.eval_share:.0%}"),
+        (f"predicted {cost.gpu} hours at {cost.mfu:.0%} MFU", f"{cost.gpu_hours:,.2f}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"cost preview of sweep {name} (transformer FLOPs counted on the meta device; nothing was run)"]
+    lines += [f"  {k:<{width}}  {v}" for k, v in rows]
+    return "\n".join(lines)
+
+
+def write_cost(cost: SweepCost, folder: Path) -> Path:
+    from klein_sweep.fileio import replaced_atomically
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "cost.json"
+    with replaced_atomically(path) as tmp:
+        tmp.write_text(json.dumps(cost.to_json(), indent=2))
+    return path

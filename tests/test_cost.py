@@ -1,0 +1,58 @@
+"""The cost preview: counted on the model's architecture on the meta device, printed and written
+before any GPU is spent; the shipped real-model recipe keeps evaluation at or below a quarter."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from conftest import run_cli
+from sweep_helpers import compose_plan
+
+
+def test_dry_run_prints_the_preview_writes_cost_json_and_creates_nothing_else(tmp_path):
+    proc = run_cli("+sweep=lr_vs_steps", "sweep.dry_run=true", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "cost preview of sweep lr_vs_steps" in proc.stdout and "predicted H100 hours at 45% MFU" in proc.stdout
+    cost = json.loads((tmp_path / "sweeps" / "lr_vs_steps" / "cost.json").read_text())
+    # The shipped mini sweep: 5 learning rates trained once to 2500 steps, evaluated at 5 steps each.
+    assert (cost["trainings"], cost["optimizer_steps"], cost["checkpoints_evaluated"]) == (5, 12500, 25)
+    assert {"train_pflop", "eval_pflop", "eval_share", "gpu_hours"} <= set(cost)
+    assert cost["eval_share"] == pytest.approx(cost["eval_pflop"] / (cost["train_pflop"] + cost["eval_pflop"]), abs=1e-4)
+    assert sorted(p.name for p in (tmp_path / "sweeps" / "lr_vs_steps").iterdir()) == ["cost.json"]  # no study
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.fixture(scope="module")
+def images_1024(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("imgs1024")
+    for i in range(4):
+        Image.new("RGB", (1024, 1024), (40 * i, 90, 160)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text("photo of [trigger]")
+    return folder
+
+
+@pytest.mark.parametrize("size", ["9b", "4b"])
+def test_the_real_model_recipe_keeps_evaluation_at_most_a_quarter(tmp_path, images_1024, size):
+    from klein_sweep.config import build_settings
+    from klein_sweep.cost.flops import model_flops
+    from klein_sweep.cost.preview import estimate_sweep_cost
+
+    base = ["+sweep=lr_vs_steps", f"model=flux2_klein_base_{size}", "data=folder", f"data.path={images_1024}",
+            "data.resolution=1024", "sweep.dry_run=true", f"sweep.output_dir={tmp_path}"]
+    economy = estimate_sweep_cost(compose_plan(base))
+    full = estimate_sweep_cost(compose_plan([*base, "eval.recipe=full"]))
+    assert economy.eval_share <= 0.25 < 0.75 < full.eval_share
+    assert economy.train_pflop == full.train_pflop  # the recipe changes evaluation only
+    step = model_flops(build_settings(compose_plan(base).base_cfg), 1024).train_step
+    assert economy.train_pflop == pytest.approx(12500 * step / 1e15)
+    # 9B: ~162 TFLOP a training step at 1024 px with 512 text tokens (4B: ~76)
+    assert step / 1e12 == pytest.approx({"9b": 162.4, "4b": 76.3}[size], rel=0.02)
+
+
+def test_an_unknown_gpu_for_the_preview_is_refused(tmp_path):
+    proc = run_cli("+sweep=lr_vs_steps", "sweep.dry_run=true", "sweep.cost_gpu=TPU", cwd=tmp_path)
+    assert proc.returncode == 2 and "config key 'sweep.cost_gpu' = 'TPU' is invalid: one of H100" in proc.stderr
+    assert not (tmp_path / "sweeps").exists()
