@@ -134,7 +134,7 @@ def run_single_trial(settings: Settings, resolved_yaml: str) -> None:
 def run_sweep_command(settings: Settings, resolved: dict) -> None:
     from klein_sweep.errors import ConfigError
     from klein_sweep.sweep.plan import plan_sweep
-    from klein_sweep.sweep.worker import run_sweep
+    from klein_sweep.sweep.parallel import run_on_this_machine
 
     if not settings.eval.enabled and settings.sweep.objective.startswith("eval/"):
         raise ConfigError("eval.enabled", False, f"true: the sweep's objective {settings.sweep.objective} is measured at checkpoints (eval=default)")
@@ -149,13 +149,14 @@ def run_sweep_command(settings: Settings, resolved: dict) -> None:
         print(f"written to {write_cost(cost, plan.output_dir.absolute())}; no study or MLflow run was created")
         return
     log.info("study %s in %s", plan.study_name, redact(plan.storage_url))
-    summary = run_sweep(plan)
+    summary = run_on_this_machine(plan)
     if settings.sweep.role == "prepare":
         print(f"sweep {plan.study_name} prepared in {redact(plan.storage_url)}: {len(plan.cells) or settings.sweep.n_trials} "
               f"{'cells' if plan.cells else 'trials'}" + (f", MLflow parent run {summary.parent_run_id}" if summary.parent_run_id else ""))
         print("start workers with the same command and sweep.role=work (as many as you have GPUs or machines)")
         return
-    print(f"sweep {plan.study_name}: this worker ran {len(summary.ran)} trials, {len(summary.failed)} failed")
+    who = f"{summary.workers} workers" if summary.workers > 1 else "this worker"
+    print(f"sweep {plan.study_name}: {who} ran {len(summary.ran)} trials, {len(summary.failed)} failed")
     print(f"report: {summary.report_dir / 'report.md'} and {summary.report_dir / 'heatmaps.png'}")
     if summary.parent_run_id:
         print(f"MLflow experiment '{plan.study_name}', parent run {summary.parent_run_id}; browse with: mlflow ui --backend-store-uri {redact(settings.tracking.uri)}")

@@ -20,9 +20,16 @@ def _on_sigint(signum, frame):
     raise KeyboardInterrupt
 
 
-def install() -> None:
+def _on_sigint_once(signum, frame):
+    first = not _requested.is_set()
+    _requested.set()
+    if first:  # a second signal must not break the clean-up the first one started
+        raise KeyboardInterrupt
+
+
+def install(raise_once: bool = False) -> None:
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, _on_sigint)
+        signal.signal(signal.SIGINT, _on_sigint_once if raise_once else _on_sigint)
 
 
 def raise_if_requested() -> None:

@@ -10,14 +10,17 @@ import time
 import pytest
 
 from conftest import run_cli
-from sweep_helpers import DEBUG_SIZE, completed_cells, load_study, run_worker, sweep_args
+from sweep_helpers import DEBUG_SIZE, completed_cells, compose_plan, load_study, run_worker, sweep_args
 
 
 @pytest.mark.parametrize("name", sorted(DEBUG_SIZE))
 def test_every_sweep_runs_at_debug_size(tmp_path, name):
-    proc = run_cli(*sweep_args(name, tmp_path), cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    """In-process (the command line itself is covered by the lr_vs_steps test below)."""
+    from klein_sweep.sweep.worker import run_sweep
+
     folder = tmp_path / "sweeps" / name
+    summary = run_sweep(compose_plan([*sweep_args(name, tmp_path), f"sweep.output_dir={folder}", "tracking=none"]), progress=False)
+    assert summary.failed == []
     assert (folder / "report.md").exists() and (folder / "heatmaps.png").exists()
     study = load_study(folder)
     assert len(completed_cells(study)) == 2
@@ -80,7 +83,7 @@ def test_lr_vs_steps_tracks_parent_children_and_tags(tmp_path):
 
 def test_killed_sweep_resumes_every_cell_once(tmp_path):
     args = sweep_args("lr_vs_steps", tmp_path, "sweep.params.train.lr.values=[1e-4,2e-4,4e-4]",
-                      "sweep.params.train.steps.values=[150,300]", "tracking=none")
+                      "sweep.params.train.steps.values=[150,300]", "tracking=none", "sweep.workers=1")
     worker = run_worker(args, cwd=tmp_path)
     db = tmp_path / "sweeps" / "lr_vs_steps" / "study.db"
     deadline = time.time() + 240

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from conftest import run_cli
 from services import MlflowServer, free_port
 from sweep_helpers import completed_cells, load_study, run_worker, sweep_args
@@ -22,6 +24,7 @@ def test_unreachable_tracking_server_is_refused_before_anything_is_written(tmp_p
     assert single.returncode == 2 and "no MLflow server answers" in single.stderr
 
 
+@pytest.mark.slow  # the same machine-fault path runs by default in test_faults.py (a full disk)
 def test_tracking_server_dying_mid_sweep_interrupts_the_trial_and_a_restart_finishes_it(tmp_path):
     from mlflow.tracking import MlflowClient
     from optuna.trial import TrialState

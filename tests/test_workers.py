@@ -37,20 +37,20 @@ def test_prepare_then_three_workers_run_every_cell_once(tmp_path, postgres, mlfl
 
     storage = postgres.create_database("grid3")
     args = sweep_args(
-        "lr_vs_steps", tmp_path, "sweep.params.train.lr.values=[5e-5,1e-4,1.5e-4,2e-4,3e-4,4e-4]",
-        "sweep.params.train.steps.values=[4,8]", f"sweep.storage={storage}", f"tracking.uri={mlflow_server.url}",
+        "lr_vs_steps", tmp_path, "sweep.params.train.lr.values=[5e-5,1e-4,2e-4,4e-4]",
+        "sweep.params.train.steps.values=[2,4]", f"sweep.storage={storage}", f"tracking.uri={mlflow_server.url}",
     )
     prepared = run_cli(*args, "sweep.role=prepare", cwd=tmp_path)
     assert prepared.returncode == 0, prepared.stderr[-4000:]
-    assert "prepared" in prepared.stdout and "6 cells" in prepared.stdout
+    assert "prepared" in prepared.stdout and "4 cells" in prepared.stdout
 
     finish([run_worker([*args, "sweep.role=work", f"sweep.worker={i}"], cwd=tmp_path) for i in range(3)])
 
     study = study_at(storage, "lr_vs_steps")
     cells = completed_cells(study)
-    assert len(cells) == 6 and len(set(cells)) == 6
+    assert len(cells) == 4 and len(set(cells)) == 4
     ran = [t for t in study.get_trials() if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    assert len(ran) == 6
+    assert len(ran) == 4
     # The experiment and the parent run were made once, by the prepare step.
     client = MlflowClient(tracking_uri=mlflow_server.url)
     experiments = [e for e in client.search_experiments() if e.name == "lr_vs_steps"]
@@ -60,11 +60,11 @@ def test_prepare_then_three_workers_run_every_cell_once(tmp_path, postgres, mlfl
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 1 and parents[0].info.run_id == study.user_attrs["mlflow_parent_run_id"]
     assert parents[0].info.status == "FINISHED"
-    assert len(children) == 6 and all(r.info.status == "FINISHED" for r in children)
+    assert len(children) == 4 and all(r.info.status == "FINISHED" for r in children)
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
     # No lost metrics: every step's loss, every checkpoint's evaluation.
     for r in children:
-        assert len(client.get_metric_history(r.info.run_id, "train/loss")) == 8
+        assert len(client.get_metric_history(r.info.run_id, "train/loss")) == 4
         assert len(client.get_metric_history(r.info.run_id, "eval/id_sim")) == 2
 
 
@@ -72,19 +72,14 @@ def test_tpe_workers_share_one_budget_with_constant_liar(tmp_path, postgres):
     from optuna.trial import TrialState
 
     storage = postgres.create_database("tpe3")
-    args = sweep_args("search", tmp_path, "sweep.n_trials=6", f"sweep.storage={storage}", "tracking=none")
+    args = sweep_args("search", tmp_path, "sweep.n_trials=4", f"sweep.storage={storage}", "tracking=none")
     assert run_cli(*args, "sweep.role=prepare", cwd=tmp_path).returncode == 0
     finish([run_worker([*args, "sweep.role=work"], cwd=tmp_path) for _ in range(3)])
     study = study_at(storage, "search")
     done = [t for t in study.get_trials() if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    assert len(done) == 6  # not 6 per worker, not 6 + the ones asked for concurrently
+    assert len(done) == 4  # not 4 per worker, not 4 + the ones asked for concurrently
     surplus = [t for t in study.get_trials() if t.user_attrs.get("surplus")]
     assert all(t.state == TrialState.FAIL and "checkpoints" not in t.user_attrs for t in surplus)
-
-    from klein_sweep.sweep.study import open_study
-
-    plan = compose_plan(["+sweep=search", f"sweep.storage={storage}", "tracking=none", "model=tiny", "data=tiny_character"])
-    assert open_study(plan, create=False).sampler._constant_liar is True
 
 
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare (util-linux) for a second hostname")

@@ -80,6 +80,10 @@ class SweepConfig:
     """Queue again the grid cells whose trial failed for a reason of its own (a diverging
     setting, a bug since fixed). Off: a failed cell stays failed. Cells interrupted by the
     machine (Ctrl-C, a full disk, a lost store) always run again without it."""
+    workers: Optional[int] = None
+    """Worker processes this command starts on this machine (sweep.role=run). null = auto: on a
+    CPU one single-threaded worker per core (at most one per cell: a 2-core machine runs two
+    trials at once, ~1.7x the throughput of one two-threaded trial); on a GPU one."""
     worker: Optional[int] = None
     """A label only: lets a launcher array start N identical workers (hydra -m sweep.worker=0,1,2)."""
 
@@ -111,6 +115,8 @@ class SweepConfig:
             if "train.steps" in self.params:
                 raise ConfigError("sweep.params.train.steps", "...", "not swept with step_axis=repeats (repeats set the steps)")
         check_int("sweep.heartbeat_seconds", self.heartbeat_seconds, 1, 3600)
+        if self.workers is not None:
+            check_int("sweep.workers", self.workers, 1, 256)
         check_float("sweep.cost_mfu", self.cost_mfu, 0.0, 1.0, low_open=True)
         from klein_sweep.cost.gpus import peak_tflops
 

@@ -40,6 +40,7 @@ class SweepSummary:
     failed: list[int] = field(default_factory=list)
     report_dir: Path | None = None
     parent_run_id: str | None = None
+    workers: int = 1
 
 
 class SharedModel:
@@ -65,7 +66,9 @@ class SharedModel:
         return self.prepared, self.policy
 
 
-def run_sweep(plan: SweepPlan, progress: bool = True) -> SweepSummary:
+def run_sweep(plan: SweepPlan, progress: bool = True, report: bool = True) -> SweepSummary:
+    """`report=False`: a worker process of a parallel sweep, whose parent process writes the
+    report and closes the MLflow parent run once every worker is done."""
     role = plan.sweep.role
     study, parent = join_study(plan) if role == "work" else prepare_study(plan)
     summary = SweepSummary(parent_run_id=getattr(parent, "run_id", None))
@@ -83,22 +86,32 @@ def run_sweep(plan: SweepPlan, progress: bool = True) -> SweepSummary:
     except MachineFault as exc:
         from klein_sweep.tracking import TrackingError
 
-        if not isinstance(exc.__cause__, TrackingError):  # a lost tracking store cannot be told either
+        if not isinstance(exc.__cause__, TrackingError) and report:  # a lost tracking store cannot be told either
             close_parent_run(study, parent, "KILLED")
         raise
+    if report:
+        summary.report_dir = finish_sweep(study, plan, parent)
+    elif parent is not None:
+        parent.flush()
+    return summary
+
+
+def finish_sweep(study, plan: SweepPlan, parent) -> Path:
+    """Write the report; on the MLflow parent run: the report files, the sweep's answer as
+    metrics and tags, and (when no trial is left) its FINISHED status. Returns the report folder."""
     from klein_sweep.report import write_report
 
-    summary.report_dir = write_report(plan.output_dir, study=study)
+    report_dir = write_report(plan.output_dir, study=study)
     if parent is not None:
-        for path in sorted(summary.report_dir.iterdir()):
+        for path in sorted(report_dir.iterdir()):
             if path.is_file() and path.suffix in (".md", ".png", ".json") and not path.name.startswith("."):
                 parent.log_artifact(path, "report")
         # The answer as metrics and tags: sortable and plottable in the runs table.
-        answer = json.loads((summary.report_dir / "report.json").read_text())["answer"]
+        answer = json.loads((report_dir / "report.json").read_text())["answer"]
         parent.log_metrics(answer["metrics"], step=0)
         parent.set_tags(answer["tags"])
         close_parent_run(study, parent, "FINISHED")
-    return summary
+    return report_dir
 
 
 def take_next_trial(study, plan: SweepPlan):

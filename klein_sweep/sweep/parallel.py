@@ -1,0 +1,156 @@
+"""A sweep on every CPU core of one machine: the command prepares the study, starts N worker
+processes on it (each single-threaded: the mini world's small matrices keep two threads of one
+trial from doubling its speed, while two trials at once nearly do), shows one progress bar of
+finished trials, then writes the report. The workers are the same code as the many-machines
+recipe (sweep.role=work), so no cell runs twice and a killed worker's cell runs again.
+
+  run_on_this_machine(plan)   one worker in this process, or N processes when sweep.workers says so
+  resolve_workers(plan)       sweep.workers, or auto: cores on a CPU (at most one per cell), 1 on a GPU
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+import signal
+import sys
+import time
+
+from klein_sweep.errors import KleinSweepError
+from klein_sweep.interrupts import raise_if_requested
+from klein_sweep.sweep.plan import SweepPlan
+from klein_sweep.sweep.worker import SweepSummary, close_parent_run, finish_sweep, prepare_study, run_sweep
+
+log = logging.getLogger(__name__)
+
+
+# Auto starts worker processes only for trials at least this long: a process takes ~5 s to
+# import torch and load the mini model, more than a few-step trial takes to run.
+MIN_STEPS_FOR_PROCESSES = 200
+
+
+def resolve_workers(plan: SweepPlan) -> int:
+    s = plan.sweep
+    if s.role != "run":
+        return 1
+    if s.workers is not None:
+        return s.workers
+    from klein_sweep.config import build_settings
+    from klein_sweep.models.loading import pick_runtime
+
+    settings = build_settings(plan.base_cfg)
+    if pick_runtime(settings.model, settings.train.device).device != "cpu" or settings.model.kind == "pretrained":
+        return 1  # one GPU: one trial at a time; a real model on a CPU: one copy in memory
+    steps = max(plan.step_values or [settings.train.steps or 0])
+    if steps < MIN_STEPS_FOR_PROCESSES:
+        return 1
+    trials = len(plan.cells) or s.n_trials or 1
+    return max(1, min(os.cpu_count() or 1, trials))
+
+
+def run_on_this_machine(plan: SweepPlan) -> SweepSummary:
+    workers = resolve_workers(plan)
+    if workers <= 1:
+        return run_sweep(plan)
+    return run_parallel(plan, workers)
+
+
+def run_parallel(plan: SweepPlan, workers: int) -> SweepSummary:
+    import multiprocessing
+
+    from tqdm.auto import tqdm
+
+    study, parent = prepare_study(plan)
+    sweep = copy.copy(plan.sweep)  # validated already: a copy, not a rebuilt SweepConfig
+    sweep.role, sweep.workers = "work", 1
+    work_plan = dataclasses.replace(plan, sweep=sweep)
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    log.info("%d worker processes, %d thread%s each", workers, threads, "s" * (threads > 1))
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch threads or locks
+    processes = [context.Process(target=work, args=(work_plan, threads, i), name=f"worker {i}") for i in range(workers)]
+    for p in processes:
+        p.start()
+    total = len(plan.cells) or plan.sweep.n_trials or 0
+    bar = tqdm(total=total, desc="trials", unit="trial", disable=None, dynamic_ncols=True)
+    try:
+        while any(p.is_alive() for p in processes):
+            bar.n = len(finished_trials(study))
+            bar.refresh()
+            time.sleep(1.0)
+            raise_if_requested()  # a Ctrl-C swallowed inside a library callback
+    except KeyboardInterrupt:
+        # A Ctrl-C on a terminal reaches every worker too; a signal sent to this process alone
+        # is passed on. Each worker marks its trial interrupted and exits.
+        deadline = time.monotonic() + 3
+        while any(p.is_alive() for p in processes) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for p in processes:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGINT)
+        for p in processes:
+            p.join(timeout=60)
+        close_parent_run(study, parent, "KILLED")
+        raise
+    finally:
+        bar.n = len(finished_trials(study))
+        bar.close()
+    failed_workers = [p.name for p in processes if p.exitcode != 0]
+    if failed_workers:
+        close_parent_run(study, parent, "KILLED")
+        raise KleinSweepError(
+            f"sweep {plan.study_name}: {', '.join(failed_workers)} stopped with an error (printed above); finished cells "
+            "are kept and the same command runs the rest"
+        )
+    done = finished_trials(study)
+    summary = SweepSummary(ran=[t.number for t in done if t.state.name != "FAIL"],
+                           failed=[t.number for t in done if t.state.name == "FAIL"],
+                           parent_run_id=getattr(parent, "run_id", None), workers=workers)
+    summary.report_dir = finish_sweep(study, plan, parent)
+    return summary
+
+
+def finished_trials(study) -> list:
+    """Trials that ran to a result: complete, pruned, or failed for a reason of their own."""
+    from optuna.trial import TrialState
+
+    from klein_sweep.record import Attr
+
+    return [t for t in study.get_trials(deepcopy=False)
+            if t.state in (TrialState.COMPLETE, TrialState.PRUNED) or (t.state == TrialState.FAIL and Attr.FAILURE in t.user_attrs)]
+
+
+def work(plan: SweepPlan, threads: int, index: int) -> None:
+    """A worker process: take trials until none is left (no report: the parent writes it)."""
+    import torch
+
+    from klein_sweep import interrupts
+
+    _die_with_parent()
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                        format=f"[%(asctime)s][worker {index}][%(levelname)s] - %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    interrupts.install(raise_once=True)  # a terminal Ctrl-C and the parent's may both arrive
+    try:
+        run_sweep(plan, progress=False, report=False)
+    except KleinSweepError as exc:
+        from klein_sweep.redaction import redact
+
+        print(f"klein_sweep: error: worker {index}: {redact(str(exc))}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def _die_with_parent() -> None:
+    """Linux: a worker whose parent command is killed (SIGKILL, OOM killer) is killed too, like
+    a single-process sweep would be; its trial is then recovered by the next start."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass

@@ -1,0 +1,59 @@
+"""A sweep on every CPU core: N single-threaded worker processes on one study, the same results
+as one worker, one report, the MLflow parent closed once."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from conftest import run_cli
+from sweep_helpers import compose_plan, load_study, sweep_args
+
+
+def report_of(folder):
+    report = json.loads((folder / "report.json").read_text())
+    cells = {(c["setting"], c["steps"]): (c["state"], c["id_sim"]) for c in report["cells"]}
+    return cells, report["best"]["setting"], report["best"]["step"]
+
+
+def test_two_worker_processes_share_the_grid_and_find_what_one_worker_finds(tmp_path):
+    args = sweep_args("lr_vs_steps", tmp_path, "sweep.params.train.lr.values=[1e-4,4e-4,1e-3]")
+    one = run_cli(*args, "sweep.workers=1", "sweep.name=one", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_cli(*args, "sweep.workers=2", "sweep.name=two", cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "sweep two: 2 workers ran 3 trials, 0 failed" in two.stdout
+
+    study = load_study(tmp_path / "sweeps" / "two")
+    workers = {t.user_attrs["worker"] for t in study.trials if "checkpoints" in t.user_attrs}
+    assert len(workers) == 2 and str(os.getpid()) not in {w.split(":")[-1] for w in workers}  # two processes, both worked
+    cells_one, best_one, step_one = report_of(tmp_path / "sweeps" / "one")
+    cells_two, best_two, step_two = report_of(tmp_path / "sweeps" / "two")
+    assert (best_two, step_two) == (best_one, step_one)
+    assert cells_two.keys() == cells_one.keys()
+    for key, (state, id_sim) in cells_one.items():  # one thread or two: floating-point noise at most
+        assert cells_two[key][0] == state and cells_two[key][1] == pytest.approx(id_sim, abs=1e-4), key
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("two").experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "FINISHED" and parent.data.metrics["sweep/trials_finished"] == 3
+    assert sorted(r.info.status for r in runs if r is not parent) == ["FINISHED"] * 3
+
+
+def test_auto_uses_every_core_for_long_cpu_trials_only(tmp_path):
+    from klein_sweep.sweep.parallel import resolve_workers
+
+    def plan(*extra):
+        return compose_plan(["+sweep=lr_vs_steps", "tracking=none", f"sweep.output_dir={tmp_path}", *extra])
+
+    cores = os.cpu_count() or 1
+    assert resolve_workers(plan()) == min(cores, 5)  # the shipped mini sweep: 5 cells of 2500 steps
+    assert resolve_workers(plan("sweep.params.train.steps.values=[2,4]")) == 1  # a process costs more than such a trial
+    assert resolve_workers(plan("sweep.params.train.lr.values=[1e-4]")) == 1  # one cell
+    assert resolve_workers(plan("sweep.workers=3")) == 3
+    assert resolve_workers(plan("sweep.role=work")) == 1
