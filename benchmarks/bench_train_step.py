@@ -27,15 +27,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from klein_sweep.cost.gpus import PEAK_TFLOPS  # noqa: E402 - after the sys.path line: runs from a checkout
+
 TEXT_TOKENS = 512  # Klein pads every prompt to max_sequence_length = 512 tokens
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.0}
 
 
 def build_transformer(model: str, device: str):
     """(transformer, text tokens) in bf16 on `device` (fp32 on CPU), random weights."""
     from diffusers import Flux2Transformer2DModel
 
-    from klein_sweep.models.loading import klein_transformer_config
+    from klein_sweep.models.registry import klein_transformer_config
     from klein_sweep.models.tiny import build_tiny_pipeline
 
     if model == "tiny":

@@ -63,7 +63,11 @@ def render_markdown(results, axis, columns, labels, cells, points, fit, best, co
         lines += ["", "## Failed trials", ""]
         lines += [f"- trial {n} ({setting_label(cell)}): {reason}" for n, cell, reason in results.failed]
     lines += ["", "States: G good, U underfit, O overfit, X collapsed (the rules: docs/design.md in the klein_sweep repository). "
-              "Rebuild: `python -m klein_sweep.report " + results.name + "`", ""]
+              "Rebuild: `python -m klein_sweep.report " + results.name + "`", "",
+              f"In MLflow (`mlflow ui`, experiment `{results.name}`): the parent run carries this answer as metrics "
+              "(`sweep/best_value`, `collapse_step/<setting>`, `boundary/*`); each trial's run its state, best step and "
+              "collapse step (`trial/*`) and the sample grids by step (`samples/trigger`, `samples/prior`). In optuna-dashboard: "
+              f"`optuna-dashboard sqlite:///sweeps/{results.name}/study.db` (or the sweep.storage URL).", ""]
     return "\n".join(lines)
 
 
