@@ -75,14 +75,11 @@ def run_single_trial(settings: Settings, resolved_yaml: str) -> None:
         "%d images, %d steps, %.1f repeats per image (batch %d x grad_accum %d)",
         len(plan.examples), plan.steps, plan.repeats_per_image, settings.train.batch_size, settings.train.grad_accum,
     )
-    evaluating = settings.eval.enabled
-    if evaluating:
-        from klein_sweep.evaluation.evaluator import eval_prompts
+    from klein_sweep.evaluation.evaluator import eval_prompts
 
-        trigger, prior = eval_prompts(settings)
-        prepared = prepare_model(plan, extra_prompts=trigger + prior)
-    else:
-        prepared = prepare_model(plan)
+    evaluating = settings.eval.enabled
+    trigger, prior = eval_prompts(settings) if evaluating else ([], [])
+    prepared = prepare_model(plan, extra_prompts=trigger + prior)  # the eval prompts encoded once, with the captions
     stats = prepared.data.stats
     log.info("encodings: %d from cache, %d encoded (%.1fs)", stats.hits, stats.misses, prepared.encode_seconds)
 

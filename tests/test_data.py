@@ -79,3 +79,24 @@ def test_image_smaller_than_resolution(tiny_data):
 def test_hidden_files_ignored(tiny_data):
     (tiny_data / ".DS_Store").write_bytes(b"\0")
     assert len(load_examples(cfg(tiny_data))) == 8
+
+
+def test_each_image_is_decoded_once_until_it_changes(tiny_data, monkeypatch):
+    """The up-front check of every cell, the cost preview and each trial list the same folder:
+    an unchanged image is decoded once; a changed or too-small one is checked (and refused) again."""
+    import os
+
+    import klein_sweep.data.images as images
+
+    decoded, real = [], images.open_rgb
+    monkeypatch.setattr(images, "open_rgb", lambda path, *a, **k: decoded.append(path.name) or real(path, *a, **k))
+    n = len(load_examples(cfg(tiny_data)))
+    assert len(decoded) == n
+    assert len(load_examples(cfg(tiny_data))) == n and len(decoded) == n  # nothing decoded again
+    first = sorted(tiny_data.glob("*.png"))[0]
+    Image.new("RGB", (20, 20)).save(first)
+    os.utime(first, ns=(1, 1))  # a different mtime even on a coarse clock
+    for _ in range(2):  # refused every time, never remembered as fine
+        with pytest.raises(DataError, match=f"{first.name} is 20x20"):
+            load_examples(cfg(tiny_data))
+    assert decoded[n:] == [first.name, first.name]

@@ -1,7 +1,7 @@
 """FLOPs of one LoRA training step and one transformer forward, counted by torch's
 FlopCounterMode on the model's transformer built on the meta device: shapes only, no weights,
-no GPU, nothing downloaded. Only the transformer is counted; the VAE decode and the metric
-networks are a few percent of a sample at Klein sizes.
+no GPU, nothing downloaded. Only the transformer is counted (the VAE decode and the metric
+networks run once per image, against 10-50 transformer forwards; not counted, not yet measured).
 
     model_flops(settings, resolution)   ModelFlops(train_step, forward) for that model and size
 """
@@ -21,29 +21,6 @@ class ModelFlops:
     forward: float  # one transformer forward of one image at the given resolution (a sampling step)
 
 
-def transformer_config(model) -> dict:
-    """The transformer's config from the same sources as loading: the tiny model's code, the
-    shipped mini folder, a local model folder, or the registry for known hub models."""
-    from diffusers import Flux2Transformer2DModel
-
-    from klein_sweep.errors import ModelError
-    from klein_sweep.models.registry import MINI_PIPELINE_DIR, klein_transformer_config, model_size
-
-    if model.kind == "tiny":
-        from klein_sweep.models.tiny import build_tiny_pipeline
-
-        return dict(build_tiny_pipeline(model.seed).transformer.config)
-    if model.kind == "mini":
-        return dict(Flux2Transformer2DModel.load_config(MINI_PIPELINE_DIR / "transformer"))
-    from pathlib import Path
-
-    if model.path and (Path(model.path) / "transformer" / "config.json").exists():
-        return dict(Flux2Transformer2DModel.load_config(Path(model.path) / "transformer"))
-    if model_size(model.name):
-        return klein_transformer_config(model_size(model.name))
-    raise ModelError(f"no transformer config for model '{model.name}': set model.path to a folder with transformer/config.json")
-
-
 def model_flops(settings: Settings, resolution: int, train_resolution: int | None = None) -> ModelFlops:
     """Forward FLOPs at `resolution` (sampling) and training-step FLOPs at `train_resolution`
     (default data.resolution) for the settings' model, LoRA rank and targets."""
@@ -55,9 +32,9 @@ def model_flops(settings: Settings, resolution: int, train_resolution: int | Non
     key = (repr(m), t.rank, t.targets, t.batch_size)
     train_side, sample_side = (train_resolution or settings.data.resolution) // multiple, resolution // multiple
     if (key, "train", train_side) not in _COUNTED:
-        _COUNTED[key, "train", train_side] = _train_step_flops(_meta_transformer(key, m, t), m, t, train_side)
+        _COUNTED[key, "train", train_side] = _count(_meta_transformer(key, m, t), m, train_side, t.batch_size, backward=True)
     if (key, "forward", sample_side) not in _COUNTED:
-        _COUNTED[key, "forward", sample_side] = _forward_flops(_meta_transformer(key, m, t), m, sample_side)
+        _COUNTED[key, "forward", sample_side] = _count(_meta_transformer(key, m, t), m, sample_side, 1, backward=False)
     return ModelFlops(train_step=_COUNTED[key, "train", train_side], forward=_COUNTED[key, "forward", sample_side])
 
 
@@ -70,6 +47,7 @@ def _meta_transformer(key, model, train):
     from diffusers import Flux2Transformer2DModel
 
     from klein_sweep.lora.adapters import inject_lora
+    from klein_sweep.models.loading import transformer_config
 
     if key not in _TRANSFORMERS:
         with torch.device("meta"):
@@ -89,29 +67,22 @@ def _inputs(transformer, model, side: int, batch: int):
     return latents, embeds
 
 
-def _train_step_flops(transformer, model, train, side: int) -> float:
+def _count(transformer, model, side: int, batch_size: int, backward: bool) -> float:
+    """FLOPs of one flow-matching loss on a (batch_size, C, side, side) latent batch: the forward
+    alone (a sampling step), or forward + backward (a training micro-step)."""
+    import contextlib
+
     from torch.utils.flop_counter import FlopCounterMode
 
     from klein_sweep.training.loop import Batch, flow_matching_loss
 
-    latents, embeds = _inputs(transformer, model, side, train.batch_size)
+    latents, embeds = _inputs(transformer, model, side, batch_size)
     batch = Batch(latents=latents, prompt_embeds=embeds, noise=torch.empty_like(latents),
-                  sigmas=torch.empty(train.batch_size, device="meta"))
+                  sigmas=torch.empty(batch_size, device="meta"))
     counter = FlopCounterMode(display=False)
-    with counter:
-        flow_matching_loss(transformer, batch, "meta").backward()
+    with counter, (contextlib.nullcontext() if backward else torch.no_grad()):
+        loss = flow_matching_loss(transformer, batch, "meta")
+        if backward:
+            loss.backward()
     transformer.zero_grad(set_to_none=True)
-    return float(counter.get_total_flops())
-
-
-def _forward_flops(transformer, model, side: int) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from klein_sweep.training.loop import Batch, flow_matching_loss
-
-    latents, embeds = _inputs(transformer, model, side, 1)
-    batch = Batch(latents=latents, prompt_embeds=embeds, noise=torch.empty_like(latents), sigmas=torch.empty(1, device="meta"))
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        flow_matching_loss(transformer, batch, "meta")
     return float(counter.get_total_flops())

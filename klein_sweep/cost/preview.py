@@ -57,21 +57,28 @@ class SweepCost:
                 "peak_tflops": peak_tflops(self.gpu)}
 
 
+def sampling(settings: Settings):
+    """(the evaluation's sample recipe, FLOPs of one denoising step of one image: one forward,
+    two with classifier-free guidance)."""
+    from klein_sweep.evaluation.evaluator import sample_recipe
+
+    recipe = sample_recipe(settings)
+    forwards = 2 if recipe.guidance_scale > 1 else 1
+    return recipe, forwards * model_flops(settings, recipe.resolution).forward
+
+
 def evaluation_flops(settings: Settings, checkpoints: int) -> tuple[float, int]:
     """(FLOPs, samples) of evaluating one trial's `checkpoints` checkpoints."""
-    from klein_sweep.evaluation.evaluator import sample_recipe
     from klein_sweep.models.registry import DISTILLED_STEPS
 
     e = settings.eval
-    recipe = sample_recipe(settings)
-    forward = model_flops(settings, recipe.resolution).forward
+    recipe, step_flops = sampling(settings)
     prompts = len(e.trigger_prompts) + len(e.prior_prompts)
-    cfg = 2 if recipe.guidance_scale > 1 else 1
     strengths = len(e.lora_scales)
 
     def evaluations(seeds: int, steps: int, times: int) -> tuple[float, int]:
         n = prompts * seeds * strengths * times
-        return n * steps * cfg * forward, n
+        return n * steps * step_flops, n
 
     if e.screening_seeds:
         screen = evaluations(len(e.screening_seeds), e.screening_sample_steps or recipe.steps, checkpoints)
@@ -80,20 +87,17 @@ def evaluation_flops(settings: Settings, checkpoints: int) -> tuple[float, int]:
     else:
         flops, samples = evaluations(len(e.seeds), recipe.steps, checkpoints)
     if e.also_distilled:
-        n = prompts * len(e.seeds) * checkpoints
-        flops, samples = flops + n * DISTILLED_STEPS * forward, samples + n
+        n = prompts * len(e.seeds) * checkpoints  # the distilled recipe: no CFG, one forward a step
+        flops, samples = flops + n * DISTILLED_STEPS * model_flops(settings, recipe.resolution).forward, samples + n
     return flops, samples
 
 
 def reference_flops(settings: Settings) -> tuple[float, int]:
     """The base model's own samples, drawn once: trigger, prior, and prior at other seeds."""
-    from klein_sweep.evaluation.evaluator import sample_recipe
-
     e = settings.eval
-    recipe = sample_recipe(settings)
+    recipe, step_flops = sampling(settings)
     n = (len(e.trigger_prompts) + 2 * len(e.prior_prompts)) * len(e.seeds)
-    cfg = 2 if recipe.guidance_scale > 1 else 1
-    return n * recipe.steps * cfg * model_flops(settings, recipe.resolution).forward, n
+    return n * recipe.steps * step_flops, n
 
 
 def estimate_sweep_cost(plan: SweepPlan, gpu: str = "H100", mfu: float = 0.45) -> SweepCost:

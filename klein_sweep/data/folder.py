@@ -76,17 +76,28 @@ def read_caption(path: Path | None, cfg: DataConfig) -> str:
     return " ".join(text.replace(TRIGGER_PLACEHOLDER, cfg.trigger).split())
 
 
+# Images already decoded and found usable, by (path, mtime, size, the settings they were checked
+# against): the up-front check of every cell, the cost preview and each trial all list the same
+# folder, and decoding every image again for each is most of their time. A changed file is checked again.
+_CHECKED: set[tuple] = set()
+
+
 def check_image(path: Path, cfg: DataConfig) -> None:
     """Open and fully decode the image: truncated, corrupt and oversized files fail here, not
     mid-training."""
     from klein_sweep.data.images import open_rgb
 
+    stat = path.stat()
+    key = (str(path), stat.st_mtime_ns, stat.st_size, cfg.resolution, cfg.background, cfg.max_megapixels)
+    if key in _CHECKED:
+        return
     width, height = open_rgb(path, cfg.background, cfg.max_megapixels).size
     if min(width, height) < cfg.resolution:
         raise DataError(
             f"data.path: image {path} is {width}x{height}, smaller than data.resolution={cfg.resolution}; "
             f"use a larger image or a data.resolution <= {min(width, height)}"
         )
+    _CHECKED.add(key)  # only an image that passed every check
 
 
 def load_image(path: Path, resolution: int, background: str = "white", max_megapixels: float = 64.0) -> "torch.Tensor":  # noqa: F821

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-
 from typing import Callable
 
 from klein_sweep.config import Settings

@@ -116,6 +116,24 @@ def _load_pretrained(model: ModelConfig, runtime: Runtime):
         ) from exc
 
 
+def transformer_config(model: ModelConfig) -> dict:
+    """The transformer's config without its weights: the tiny model's code, the shipped mini
+    folder, a local model folder, or the registry for the known hub models."""
+    from diffusers import Flux2Transformer2DModel
+
+    if model.kind == "tiny":
+        from klein_sweep.models.tiny import build_tiny_pipeline
+
+        return dict(build_tiny_pipeline(model.seed).transformer.config)
+    if model.kind == "mini":
+        return dict(Flux2Transformer2DModel.load_config(MINI_PIPELINE_DIR / "transformer"))
+    if model.path and (Path(model.path) / "transformer" / "config.json").exists():
+        return dict(Flux2Transformer2DModel.load_config(Path(model.path) / "transformer"))
+    if model_size(model.name):
+        return klein_transformer_config(model_size(model.name))
+    raise ModelError(f"no transformer config for model '{model.name}': set model.path to a folder with transformer/config.json")
+
+
 def transformer_skeleton(model: ModelConfig):
     """The model's transformer architecture without loading its weights (meta tensors for the
     real models): what a LoRA's shapes are checked against."""
@@ -126,17 +144,11 @@ def transformer_skeleton(model: ModelConfig):
 
         return build_tiny_pipeline(model.seed).transformer
     if model.kind == "mini":
-        return Flux2Transformer2DModel.from_config(Flux2Transformer2DModel.load_config(MINI_PIPELINE_DIR / "transformer"))
+        return Flux2Transformer2DModel.from_config(transformer_config(model))
     from accelerate import init_empty_weights
 
-    if model.path and (Path(model.path) / "transformer" / "config.json").exists():
-        config = Flux2Transformer2DModel.load_config(Path(model.path) / "transformer")
-    elif model_size(model.name):
-        config = klein_transformer_config(model_size(model.name))
-    else:
-        raise ModelError(f"no transformer config for model '{model.name}': set model.path to a folder with transformer/config.json")
     with init_empty_weights():
-        return Flux2Transformer2DModel.from_config(config)
+        return Flux2Transformer2DModel.from_config(transformer_config(model))
 
 
 def quantize_transformer(transformer, mode: str, device: str) -> None:
