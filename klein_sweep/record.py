@@ -5,7 +5,8 @@ are a checked contract: one JSON codec here, with a version, and nowhere else.
 Stored as Optuna user attributes (one per field, so optuna-dashboard shows them readably):
 
     trial   record_version, state, steps, collapse_step, best_step, base, base_distilled,
-            train_seconds, eval_seconds, checkpoints (a list of CheckpointRow)
+            train_seconds, eval_seconds, checkpoints (a list of CheckpointRow),
+            validation (a list of ValidationPoint: the dense validation losses)
             + the queue's own: cell, worker, failure_reason, interrupted, duplicate_of,
               surplus, retry_of, mlflow_run_id
     study   meta (StudyMeta), mlflow_parent_run_id
@@ -45,6 +46,7 @@ class Attr:
     TRAIN_SECONDS = "train_seconds"
     EVAL_SECONDS = "eval_seconds"
     CHECKPOINTS = "checkpoints"
+    VALIDATION = "validation"
     # the queue's: written while a trial is asked, run, failed
     CELL = "cell"  # the cell's params, dotted keys
     WORKER = "worker"  # host:pid of the process running it
@@ -164,6 +166,28 @@ class CheckpointRow:
 
 
 @dataclass
+class ValidationPoint:
+    """The validation losses at one step (klein_sweep.evaluation.validation): dense, cheap,
+    deterministic. `sampled`: a sampled evaluation ran at this step too; `triggered`: because
+    val/prior_loss moved (eval.validation_trigger), not because the step was planned."""
+
+    step: int
+    fit_loss: float
+    prior_loss: float
+    sampled: bool = False
+    triggered: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"step": self.step, "fit_loss": encode_float(self.fit_loss), "prior_loss": encode_float(self.prior_loss),
+                "sampled": self.sampled, "triggered": self.triggered}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "ValidationPoint":
+        return cls(step=int(d["step"]), fit_loss=decode_float(d["fit_loss"]), prior_loss=decode_float(d["prior_loss"]),
+                   sampled=bool(d.get("sampled", False)), triggered=bool(d.get("triggered", False)))
+
+
+@dataclass
 class BaseStats:
     """What the base model (no LoRA) scores on the eval prompts: the yardstick for underfit,
     leak and degenerate images, and the prior-KID noise floor."""
@@ -198,6 +222,7 @@ class TrialRecord:
     base_distilled: BaseStats | None = None
     train_seconds: float | None = None
     eval_seconds: float | None = None
+    validation: list[ValidationPoint] = field(default_factory=list)
 
 
 def encode_trial(record: TrialRecord) -> dict[str, Any]:
@@ -213,6 +238,7 @@ def encode_trial(record: TrialRecord) -> dict[str, Any]:
         Attr.TRAIN_SECONDS: record.train_seconds,
         Attr.EVAL_SECONDS: record.eval_seconds,
         Attr.CHECKPOINTS: [r.to_json() for r in record.rows],
+        Attr.VALIDATION: [v.to_json() for v in record.validation],
     }
 
 
@@ -237,6 +263,7 @@ def decode_trial(attrs: dict[str, Any], where: str = "trial") -> TrialRecord | N
         base_distilled=BaseStats.from_json(attrs.get(Attr.BASE_DISTILLED)),
         train_seconds=attrs.get(Attr.TRAIN_SECONDS),
         eval_seconds=attrs.get(Attr.EVAL_SECONDS),
+        validation=[ValidationPoint.from_json(v) for v in attrs.get(Attr.VALIDATION) or []],
     )
 
 

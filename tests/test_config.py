@@ -69,6 +69,10 @@ def test_no_import_of_heavy_libraries_when_composing():
         ("+train.learning_rate=1e-4", "train.learning_rate"),
         ("data.caption_dropout=1.5", "data.caption_dropout"),
         ("data.trigger='two words'", "data.trigger"),
+        ("eval.validation_sigmas=[0.5,1.0]", "eval.validation_sigmas"),
+        ("eval.validation_sigmas=[]", "eval.validation_sigmas"),
+        ("eval.validation_every=-1", "eval.validation_every"),
+        ("eval.validation_images=0", "eval.validation_images"),
     ],
 )
 def test_bad_values_name_their_key(override, key):
@@ -83,3 +87,10 @@ def test_repeats_replaces_steps_and_warmup_needs_warmup_schedule():
     assert s.train.repeats == 80 and s.train.steps is None
     with pytest.raises(ConfigError, match="constant_with_warmup"):
         compose_settings("train.warmup_steps=10")
+
+
+@pytest.mark.parametrize("model,every,images", [("mini", 100, 8), ("flux2_klein_base_9b", 500, 2)])
+def test_the_recipe_fills_the_validation_cadence_a_user_left_open(model, every, images):
+    e = compose_settings(f"model={model}", "eval=default")[1].eval
+    assert (e.validation_every, e.validation_images) == (every, images)
+    assert compose_settings(f"model={model}", "eval=default", "eval.validation_every=7")[1].eval.validation_every == 7

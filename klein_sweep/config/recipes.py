@@ -10,13 +10,19 @@ lever below, counted by the cost preview on the 9B architecture (docs/evaluation
   sample_steps 20            0.40x of 50 steps, Klein's flow-matching schedule with its shift
   screening_seeds [first]    every checkpoint with one seed (0.25x of four) ...
   screening_sample_steps 10  ... at 10 steps; the full evaluation only where it decides
+  validation_every 500       the validation losses (forwards on fixed inputs, no sampling) at
+  validation_images 2        the checkpoints and every 500 steps, on 2 training images and 2 base
+                             prior samples x 3 noise levels: ~2% of the sweep; the mini world, where
+                             a forward costs nothing, every 100 steps on 8 + 8
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-ECONOMY_RECIPE = {"resolution": 512, "sample_steps": 20, "screening_seeds": 1, "screening_sample_steps": 10}
+ECONOMY_RECIPE = {"resolution": 512, "sample_steps": 20, "screening_seeds": 1, "screening_sample_steps": 10,
+                  "validation_every": 500, "validation_images": 2}
+FULL_RECIPE = {"validation_every": 100, "validation_images": 8}
 
 
 def resolve_eval_recipe(eval_cfg, model, data):
@@ -24,15 +30,23 @@ def resolve_eval_recipe(eval_cfg, model, data):
     recipe = eval_cfg.recipe
     if recipe == "auto":
         recipe = "economy" if model.kind == "pretrained" else "full"
+    validation = {k: getattr(eval_cfg, k) if getattr(eval_cfg, k) is not None else (FULL_RECIPE if recipe == "full" else ECONOMY_RECIPE)[k]
+                  for k in ("validation_every", "validation_images")}
     if recipe == "full":
-        return eval_cfg
+        return dataclasses.replace(eval_cfg, **validation)
     r = ECONOMY_RECIPE
     filled = {
         "resolution": eval_cfg.resolution or min(r["resolution"], data.resolution),
         "sample_steps": eval_cfg.sample_steps or r["sample_steps"],
         "screening_seeds": eval_cfg.screening_seeds if eval_cfg.screening_seeds is not None else list(eval_cfg.seeds[: r["screening_seeds"]]),
         "screening_sample_steps": eval_cfg.screening_sample_steps or r["screening_sample_steps"],
+        **validation,
     }
     if filled["screening_seeds"] == []:  # screening_seeds: [] switches screening off
         filled["screening_seeds"], filled["screening_sample_steps"] = None, None
     return dataclasses.replace(eval_cfg, **filled)
+
+
+def validation_images(eval_cfg) -> int:
+    """eval.validation_images, with the full recipe's where settings were built without a recipe."""
+    return eval_cfg.validation_images or FULL_RECIPE["validation_images"]

@@ -11,7 +11,10 @@ What is counted (transformer FLOPs, see flops.py):
                with screening, the screening seeds / steps at every checkpoint and the full
                evaluation at 2 deciding checkpoints per trial; with eval.also_distilled, the
                same prompts on the distilled recipe (4 steps, no CFG) at every checkpoint
-  reference    the base model's samples once per sweep: trigger + prior + prior at other seeds
+  validation   at each checkpoint and every eval.validation_every steps: (validation images +
+               prior samples) x validation sigmas forwards, no sampling loop
+  reference    the base model's samples once per sweep: trigger + prior + prior at other seeds,
+               and the prior samples of the validation loss once more
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from klein_sweep.config import Settings
+from klein_sweep.config.recipes import validation_images
 from klein_sweep.cost.flops import model_flops
 from klein_sweep.cost.gpus import peak_tflops
 from klein_sweep.sweep.plan import SweepPlan, apply_params, search_corners, trial_plan
@@ -92,11 +96,24 @@ def evaluation_flops(settings: Settings, checkpoints: int) -> tuple[float, int]:
     return flops, samples
 
 
+def validation_flops(settings: Settings, points: int, n_images: int) -> float:
+    """FLOPs of the validation losses at `points` steps of one trial: forwards only, the fit
+    set at the training resolution, the prior samples at the evaluation's."""
+    e = settings.eval
+    recipe, _ = sampling(settings)
+    k = validation_images(e)
+    fit = min(k, n_images) * model_flops(settings, settings.data.resolution).forward
+    prior = min(k, len(e.prior_prompts) * len(e.seeds)) * model_flops(settings, recipe.resolution).forward
+    return points * len(e.validation_sigmas) * (fit + prior)
+
+
 def reference_flops(settings: Settings) -> tuple[float, int]:
-    """The base model's own samples, drawn once: trigger, prior, and prior at other seeds."""
+    """The base model's own samples, drawn once: trigger, prior, prior at other seeds, and the
+    prior once more as latents for the validation loss."""
     e = settings.eval
     recipe, step_flops = sampling(settings)
     n = (len(e.trigger_prompts) + 2 * len(e.prior_prompts)) * len(e.seeds)
+    n += min(validation_images(e), len(e.prior_prompts) * len(e.seeds))
     return n * recipe.steps * step_flops, n
 
 
@@ -116,6 +133,9 @@ def estimate_sweep_cost(plan: SweepPlan, gpu: str = "H100", mfu: float = 0.45) -
         micro = flops.train_step + (flops.forward * t.batch_size if t.gradient_checkpointing else 0.0)
         checkpoints = len(t_plan.checkpoints) if settings.eval.enabled else 0
         e_flops, e_samples = evaluation_flops(t_plan.settings, checkpoints) if checkpoints else (0.0, 0)
+        if checkpoints:
+            points = checkpoints + len(t_plan.validation_steps)
+            e_flops += validation_flops(t_plan.settings, points, len(t_plan.examples))
         trainings += weight
         steps_total += weight * t_plan.steps
         checkpoints_total += weight * checkpoints

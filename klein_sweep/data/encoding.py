@@ -184,11 +184,17 @@ def vae_encode(pipe, pixels: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) in [-1, 1] -> (B, 4C, H/2f, W/2f) normalised latents, on CPU."""
     vae = pipe.vae
     x = pixels.to(device=vae.device, dtype=vae.dtype)
-    latents = vae.encode(x).latent_dist.mode()
+    return normalise_latents(pipe, vae.encode(x).latent_dist.mode()).cpu()
+
+
+def normalise_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """VAE latents (B, C, H/f, W/f) -> the transformer's space (B, 4C, H/2f, W/2f): 2x2
+    patchify, then the VAE's batch-norm statistics (what the pipeline undoes before decoding)."""
+    vae = pipe.vae
     latents = pipe._patchify_latents(latents)
     mean = vae.bn.running_mean.view(1, -1, 1, 1).to(latents)
     std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(latents)
-    return ((latents - mean) / std).cpu()
+    return (latents - mean) / std
 
 
 @torch.no_grad()

@@ -111,6 +111,12 @@ class CheckpointEvaluator:
         )
         return self.base
 
+    def base_grids(self) -> dict[str, "PIL.Image.Image"]:  # noqa: F821
+        """The base model's samples as labelled grids by prompt set: step 0 of every trial."""
+        assert self.base is not None, "compute_base() first"
+        return {"trigger": labelled_grid(self.base.trigger_images, self.grid_rows["trigger"], self.seeds),
+                "prior": labelled_grid(self.base.prior_images, self.grid_rows["prior"], self.seeds)}
+
     def evaluate(self) -> tuple[dict[str, float], dict[str, "PIL.Image.Image"]]:  # noqa: F821
         """Metric row (keys without the `eval/` prefix) and the labelled sample grids by prompt
         set ("trigger", "prior"), for the pipeline's current transformer (with its LoRA)."""

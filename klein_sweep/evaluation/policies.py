@@ -5,6 +5,8 @@ CheckpointEvaluator.
   screening    every checkpoint with few samples (eval.screening_seeds); the checkpoints that
                decide the result get the full evaluation at the end, from LoRA snapshots
   distilled    every checkpoint's LoRA also on the distilled model (eval.also_distilled)
+  validation   the deterministic validation losses (val/fit_loss, val/prior_loss) at every
+               checkpoint and every eval.validation_every steps between them
 
 Knows nothing of Optuna or MLflow: it returns typed rows and numbers; the caller logs them.
 """
@@ -58,6 +60,9 @@ class EvaluationPolicy:
         self.scales = [s for s in e.lora_scales if s != 1.0]
         self.evaluator = CheckpointEvaluator(settings, prepared.pipe, prepared.data, examples)
         self.evaluator.compute_base()  # before any LoRA touches the transformer
+        from klein_sweep.evaluation.validation import ValidationLosses
+
+        self.validation = ValidationLosses(settings, prepared.pipe, prepared.data)  # before any LoRA too
         self.full = None
         if e.screening_seeds:
             screening = dataclasses.replace(settings, eval=dataclasses.replace(
@@ -92,6 +97,13 @@ class TrialEvaluation:
         self.policy = policy
         self.snapshots: dict[int, dict] = {}  # step -> LoRA values (screening only)
         self.seconds = 0.0
+
+    def validate(self, model: torch.nn.Module) -> dict[str, float]:
+        """The validation losses of the model as it is now: {fit_loss, prior_loss}."""
+        start = time.perf_counter()
+        losses = self.policy.validation.measure(model)
+        self.seconds += time.perf_counter() - start
+        return losses
 
     def evaluate(self, step: int, model: torch.nn.Module) -> CheckpointResult:
         from klein_sweep.lora.adapters import lora_snapshot, lora_strength

@@ -11,7 +11,8 @@ from typing import Callable
 
 from klein_sweep.config import Settings
 from klein_sweep.evaluation import collapse
-from klein_sweep.record import STATES, CheckpointRow, TrialRecord
+from klein_sweep.evaluation.validation import prior_moved
+from klein_sweep.record import STATES, CheckpointRow, TrialRecord, ValidationPoint
 
 
 class TrialRecorder:
@@ -23,6 +24,7 @@ class TrialRecorder:
         self.base_distilled = policy.base_distilled if policy is not None else None
         self.n_images = n_images
         self.rows: list[CheckpointRow] = []
+        self.validation: list[ValidationPoint] = []
         self.best_value: float | None = None
         self.objective = objective.split("/", 1)[1]
         self.direction = direction
@@ -37,19 +39,28 @@ class TrialRecorder:
         """The training loop's checkpoint hook: returns (metrics to log at this step, stop?)."""
         from klein_sweep.lora.io import save_lora
 
+        metrics = {}
+        if self.evaluation is not None and not self.rows and not self.validation:
+            # Step 0 is the base model: MLflow's image viewer opens at step 0, and a slider from
+            # there runs through the checkpoints.
+            self.log_grids(self.evaluation.policy.evaluator.base_grids(), step=0)
+        sampled = event.sampled
+        if self.evaluation is not None:
+            losses = self.evaluation.validate(model)
+            triggered = not sampled and prior_moved(self.validation, losses["prior_loss"], self.settings.eval.validation_trigger)
+            sampled = sampled or triggered
+            self.validation.append(ValidationPoint(event.step, losses["fit_loss"], losses["prior_loss"], sampled, triggered))
+            metrics.update({f"val/{k}": v for k, v in losses.items()})
+        if not sampled:
+            return metrics, False
         t = self.settings.train
         row = CheckpointRow(step=event.step, repeats=round(event.step * t.batch_size * t.grad_accum / self.n_images, 6),
                             loss=event.loss, lr=event.lr, lora_norm=event.lora_norm)
-        metrics = {}
         if self.evaluation is not None:
             result = self.evaluation.evaluate(event.step, model)
             row.metrics, row.scales, row.distilled = result.metrics, result.scales, result.distilled
-            metrics = result.logged_metrics()
-            folder = Path(self.settings.output_dir) / "samples"
-            folder.mkdir(parents=True, exist_ok=True)
-            for name, grid in result.grids.items():  # rows: prompts, columns: seeds
-                grid.save(folder / f"{name}_step_{event.step:06d}.png")
-                self.tracker.log_image(grid, key=f"samples/{name}", step=event.step)
+            metrics.update(result.logged_metrics())
+            self.log_grids(result.grids, step=event.step)
         self.rows.append(row)
         current = collapse.classify(self.rows, self.base, self.settings.eval)[-1]
         metrics["eval/collapsed"] = float(current.state == "collapsed")
@@ -62,6 +73,14 @@ class TrialRecorder:
                 save_lora(model, self.best_dir)  # logged with its export in finish()
         # A collapsed checkpoint ends the trial: later steps are known collapsed.
         return metrics, current.state == "collapsed"
+
+    def log_grids(self, grids: dict, step: int) -> None:
+        """Sample grids (rows: prompts, columns: seeds) to the trial's folder and the tracker."""
+        folder = Path(self.settings.output_dir) / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, grid in grids.items():
+            grid.save(folder / f"{name}_step_{step:06d}.png")
+            self.tracker.log_image(grid, key=f"samples/{name}", step=step)
 
     def finish(self, outcome, total_steps: int, model=None, seconds: float = 0.0) -> tuple[TrialRecord, float | None]:
         """Judge every checkpoint, tag the run, log the best LoRA. Returns (the record, the
@@ -87,7 +106,8 @@ class TrialRecorder:
         state = rows[-1].state if rows else "failed"
         record = TrialRecord(state=state, steps=total_steps, rows=rows, collapse_step=collapse_step,
                              best_step=best.step if best else None, base=self.base, base_distilled=self.base_distilled,
-                             train_seconds=round(train_seconds, 3), eval_seconds=round(self.eval_seconds, 3))
+                             train_seconds=round(train_seconds, 3), eval_seconds=round(self.eval_seconds, 3),
+                             validation=list(self.validation))
         self.tag_run(record, outcome)
         best_lora = self.best_dir / "pytorch_lora_weights.safetensors"
         if best_lora.exists():

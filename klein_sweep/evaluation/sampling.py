@@ -27,9 +27,11 @@ def generate(
     recipe: SampleRecipe,
     lora_scale: float | None = None,
     progress: bool = False,
+    output: str = "pt",
 ) -> torch.Tensor:
     """Images (N, 3, R, R) in [0, 1] on CPU, image i from prompt_embeds[i] (L, D) and seeds[i].
-    Each image has its own generator, so a sample does not depend on its batch neighbours."""
+    Each image has its own generator, so a sample does not depend on its batch neighbours.
+    `output="latent"`: the VAE latents (N, C, R/f, R/f) instead, not decoded."""
     device = pipe.transformer.device
     dtype = pipe.transformer.dtype
     pipe.set_progress_bar_config(disable=not progress)
@@ -50,10 +52,20 @@ def generate(
             guidance_scale=recipe.guidance_scale,
             latents=_initial_latents(pipe, generators, recipe.resolution).to(device=device, dtype=dtype),
             attention_kwargs=attention_kwargs,
-            output_type="pt",
+            output_type=output,
         ).images
         out.append(images.float().cpu())
-    return torch.cat(out).clamp(0, 1)
+    return torch.cat(out) if output == "latent" else torch.cat(out).clamp(0, 1)
+
+
+def generate_latents(pipe, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor, seeds: list[int],
+                     recipe: SampleRecipe) -> torch.Tensor:
+    """The samples of `generate` as training latents (N, 4C, R/2f, R/2f): what the model's
+    own images look like to its flow-matching loss, without a VAE round trip."""
+    from klein_sweep.data.encoding import normalise_latents
+
+    raw = generate(pipe, prompt_embeds, negative_embeds, seeds, recipe, output="latent")
+    return normalise_latents(pipe, raw.to(pipe.vae.bn.running_mean.device)).float().cpu()
 
 
 def _initial_latents(pipe, generators, resolution: int) -> torch.Tensor:

@@ -5,9 +5,10 @@ the best cell, the loss-vs-quality correlation, and the sections the evaluation 
 from __future__ import annotations
 
 from klein_sweep.report.results import SweepResults, checkpoints_with, fmt_value, setting_label, setting_order
+from klein_sweep.report.validation import validation_section
 
 
-def render_markdown(results, axis, columns, labels, cells, points, fit, best, corr) -> str:
+def render_markdown(results, axis, columns, labels, cells, points, fit, best, corr, val_corr=None) -> str:
     meta = results.meta
     lines = [f"# Sweep `{results.name}`", ""]
     lines += [f"Objective: `eval/{results.objective}` ({results.direction}) over non-collapsed checkpoints. "
@@ -56,6 +57,7 @@ def render_markdown(results, axis, columns, labels, cells, points, fit, best, co
         lines.append(f"| {m} | {c['rho']:+.2f} | {c['p']:.3g} | {c['n']} |")
     if not corr:
         lines.append("| (too few checkpoints) | | | |")
+    lines += validation_section(results, val_corr or {})
     lines += full_evaluation_section(results)
     lines += strength_section(results)
     lines += transfer_section(results)
@@ -66,7 +68,8 @@ def render_markdown(results, axis, columns, labels, cells, points, fit, best, co
               "Rebuild: `python -m klein_sweep.report " + results.name + "`", "",
               f"In MLflow (`mlflow ui`, experiment `{results.name}`): the parent run carries this answer as metrics "
               "(`sweep/best_value`, `collapse_step/<setting>`, `boundary/*`); each trial's run its state, best step and "
-              "collapse step (`trial/*`) and the sample grids by step (`samples/trigger`, `samples/prior`). In optuna-dashboard: "
+              "collapse step (`trial/*`), the validation losses by step (`val/fit_loss`, `val/prior_loss`) and the sample grids by "
+              "step (`samples/trigger`, `samples/prior`; step 0 is the base model). In optuna-dashboard: "
               f"`optuna-dashboard sqlite:///sweeps/{results.name}/study.db` (or the sweep.storage URL).", ""]
     return "\n".join(lines)
 

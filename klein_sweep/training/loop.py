@@ -25,6 +25,7 @@ class CheckpointEvent:
     loss: float  # mean training loss since the previous checkpoint
     lr: float
     lora_norm: float | None = None  # filled in by the trial before evaluation
+    sampled: bool = True  # False: a validation-loss checkpoint, no sampled evaluation planned here
 
 
 @dataclass

@@ -25,7 +25,13 @@ class TrialPlan:
     settings: Settings
     examples: list[Example]
     steps: int
-    checkpoints: list[int]
+    checkpoints: list[int]  # sampled evaluation (and validation losses)
+    validation_steps: list[int] = field(default_factory=list)  # validation losses only (eval.validation_every)
+
+    @property
+    def callback_steps(self) -> list[int]:
+        """Every step at which training stops for the checkpoint callback."""
+        return sorted(set(self.checkpoints) | set(self.validation_steps))
 
     @property
     def repeats_per_image(self) -> float:
@@ -66,7 +72,10 @@ def resolve_plan(settings: Settings, extra_checkpoints: list[int] = ()) -> Trial
     if t.repeats is not None:
         steps = steps_for_repeats(t.repeats, len(examples), t.batch_size, t.grad_accum)
     checkpoints = checkpoint_schedule(steps, t.checkpoint_every, extra_checkpoints)
-    return TrialPlan(settings=settings, examples=examples, steps=steps, checkpoints=checkpoints)
+    every = settings.eval.validation_every or 0
+    dense = range(every, steps + 1, every) if settings.eval.enabled and every > 0 else ()
+    validation_steps = sorted(set(dense) - set(checkpoints))
+    return TrialPlan(settings=settings, examples=examples, steps=steps, checkpoints=checkpoints, validation_steps=validation_steps)
 
 
 def prepare_model(plan: TrialPlan, extra_prompts: list[str] = ()) -> PreparedModel:
@@ -123,7 +132,10 @@ def run_training(
     tracker.log_params(trial_params(plan, n_lora_params=sum(p.numel() for p in params)))
     checkpoint_log: list[dict] = []
 
+    sampled = set(plan.checkpoints)
+
     def on_checkpoint(event, model) -> bool:
+        event.sampled = event.step in sampled
         norm = event.lora_norm = lora_weight_norm(model)
         metrics = {"train/loss_window": event.loss, "train/lora_norm": norm}
         stop = False
@@ -143,7 +155,7 @@ def run_training(
         s.train,
         steps=plan.steps,
         device=prepared.runtime.device,
-        checkpoints=plan.checkpoints,
+        checkpoints=plan.callback_steps,
         on_checkpoint=on_checkpoint,
         caption_dropout=s.data.caption_dropout,
         tracker=tracker,
