@@ -156,7 +156,11 @@ def run_sweep_command(settings: Settings, resolved: dict) -> None:
     print(f"sweep {plan.study_name}: {who} ran {len(summary.ran)} trials, {len(summary.failed)} failed")
     print(f"report: {summary.report_dir / 'report.md'} and {summary.report_dir / 'heatmaps.png'}")
     if summary.parent_run_id:
+        from klein_sweep.tracking import runs_view_route
+
         print(f"MLflow experiment '{plan.study_name}', parent run {summary.parent_run_id}; browse with: mlflow ui --backend-store-uri {redact(settings.tracking.uri)}")
+        if summary.experiment_id:
+            print(f"  the trials with their states: http://127.0.0.1:5000/{runs_view_route(summary.experiment_id)}")
 
 
 def open_tracker(settings: Settings, run_name: str):

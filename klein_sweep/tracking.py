@@ -8,6 +8,7 @@ tiny model's training step.
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -184,6 +185,26 @@ class MlflowTracker:
 
     def describe(self) -> str:
         return f"run {self.run_id} (experiment id {self.experiment_id}) at {redact(self.client.tracking_uri)}"
+
+    def share_runs_view(self, columns: list[str], order_by: str) -> str:
+        """Store a view of the experiment's runs table - these columns, sorted by `order_by`
+        (e.g. "params.`train.lr`") - as MLflow's own "Share view" button does: a JSON view state
+        in the experiment tag mlflow.sharedViewState.<key>. Sorting by anything but start time
+        makes MLflow list child runs flat instead of folded under their parent. Returns the UI
+        route that opens it."""
+        state = {"selectedColumns": columns, "orderByKey": order_by, "orderByAsc": True, "searchFilter": ""}
+        with self._guard("saving the runs view"):
+            self.client.set_experiment_tag(self.experiment_id, SHARED_VIEW_TAG + SHARED_VIEW_KEY, json.dumps(state))
+        return runs_view_route(self.experiment_id)
+
+
+SHARED_VIEW_TAG = "mlflow.sharedViewState."  # the MLflow UI's prefix for a shared runs-table view
+SHARED_VIEW_KEY = "klein_sweep"
+
+
+def runs_view_route(experiment_id: str) -> str:
+    """The MLflow UI route (after the server's address) of the sweep's runs view."""
+    return f"#/experiments/{experiment_id}/runs?viewStateShareKey={SHARED_VIEW_KEY}"
 
 
 # MLflow 3's UI opens an experiment by its kind; without the tag it may open in GenAI mode on an

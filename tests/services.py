@@ -116,3 +116,36 @@ class MlflowServer:
                 self.proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+
+
+def chromium_bin() -> str | None:
+    """Debian's headless-capable `chromium`; installed here (as root, like PostgreSQL in .ci/run)
+    when missing and apt-get is at hand."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], env=env, capture_output=True, timeout=900)
+        found = shutil.which("chromium")
+    return found
+
+
+def browse(url: str, screenshot: Path, wait_ms: int = 20000, height: int = 1200) -> str:
+    """What a person sees at `url`: the page's DOM after its scripts ran (headless Chromium,
+    --dump-dom), with a screenshot beside it. `wait_ms` of virtual time lets the app fetch its
+    data and draw lazily loaded cards."""
+    proc = subprocess.run(
+        [chromium_bin(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--virtual-time-budget={wait_ms}",
+         f"--window-size=1600,{height}", f"--screenshot={screenshot}", "--dump-dom", url],
+        capture_output=True, text=True, timeout=300, cwd=screenshot.parent,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def page_text(dom: str) -> str:
+    """The visible words of a dumped DOM, whitespace collapsed."""
+    import html
+    import re
+
+    text = re.sub(r"<(script|style)\b.*?</\1>", " ", dom, flags=re.S)
+    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", text)))

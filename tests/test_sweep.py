@@ -43,6 +43,10 @@ def test_lr_vs_steps_tracks_parent_children_and_tags(tmp_path):
     assert {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")} >= {"report/report.md", "report/heatmaps.png"}
     # the UI opens the experiment on its runs, and the parent carries the sweep's answer
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    # the link the CLI prints opens a runs view with each trial's state, sorted by lr (trials listed flat)
+    view = json.loads(exp.tags["mlflow.sharedViewState.klein_sweep"])
+    assert view["orderByKey"] == "params.`train.lr`" and "metrics.`trial/state`" in view["selectedColumns"]
+    assert f"#/experiments/{exp.experiment_id}/runs?viewStateShareKey=klein_sweep" in proc.stdout
     answer = json.loads((tmp_path / "sweeps" / "lr_vs_steps" / "report.json").read_text())
     pm, ptags = parents[0].data.metrics, parents[0].data.tags
     assert pm["sweep/trials_finished"] == 2 and pm["sweep/trials_failed"] == 0
@@ -76,7 +80,7 @@ def test_lr_vs_steps_tracks_parent_children_and_tags(tmp_path):
         # sample grids by key and step (MLflow's image viewer): one key per prompt set, each checkpoint
         logged = {a.path.split("/")[-1].split("+timestamp")[0] for a in client.list_artifacts(rid, "images") if a.path.endswith(".png")}
         steps = [m.step for m in client.get_metric_history(rid, "eval/id_sim")]
-        assert logged == {f"samples~{name}+step+{s}" for name in ("trigger", "prior") for s in steps}
+        assert logged == {f"samples~{name}+step+{s}" for name in ("trigger", "prior") for s in [0, *steps]}  # 0: the base model
         assert [a.path for a in client.list_artifacts(rid, "lora/last")] == [
             "lora/last/klein_lora_comfyui.safetensors", "lora/last/pytorch_lora_weights.safetensors"]
 

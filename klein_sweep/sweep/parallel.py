@@ -106,7 +106,8 @@ def run_parallel(plan: SweepPlan, workers: int) -> SweepSummary:
     done = finished_trials(study)
     summary = SweepSummary(ran=[t.number for t in done if t.state.name != "FAIL"],
                            failed=[t.number for t in done if t.state.name == "FAIL"],
-                           parent_run_id=getattr(parent, "run_id", None), workers=workers)
+                           parent_run_id=getattr(parent, "run_id", None), experiment_id=getattr(parent, "experiment_id", None),
+                           workers=workers)
     summary.report_dir = finish_sweep(study, plan, parent)
     return summary
 

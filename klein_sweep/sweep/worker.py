@@ -40,6 +40,7 @@ class SweepSummary:
     failed: list[int] = field(default_factory=list)
     report_dir: Path | None = None
     parent_run_id: str | None = None
+    experiment_id: str | None = None
     workers: int = 1
 
 
@@ -71,7 +72,7 @@ def run_sweep(plan: SweepPlan, progress: bool = True, report: bool = True) -> Sw
     report and closes the MLflow parent run once every worker is done."""
     role = plan.sweep.role
     study, parent = join_study(plan) if role == "work" else prepare_study(plan)
-    summary = SweepSummary(parent_run_id=getattr(parent, "run_id", None))
+    summary = SweepSummary(parent_run_id=getattr(parent, "run_id", None), experiment_id=getattr(parent, "experiment_id", None))
     if role == "prepare":
         return summary
     shared = SharedModel()
@@ -234,8 +235,21 @@ def open_parent_run(study, plan: SweepPlan):
         "sweep.params": {k: (v.values if v.type == "categorical" else [v.low, v.high]) for k, v in s.params.items()},
     })
     study.set_user_attr(StudyAttr.PARENT_RUN, parent.run_id)
+    parent.share_runs_view(*runs_view_columns(plan))
     log_cost_prediction(parent, plan)
     return parent
+
+
+def runs_view_columns(plan: SweepPlan) -> tuple[list[str], str]:
+    """(columns, sort key) of the sweep's runs view in the MLflow UI: the swept values, each
+    trial's state, best and collapse step, and its best checkpoint's objective; sorted by the
+    learning rate where it is swept, so the trials read as the report's table rows."""
+    swept = [k for k in plan.sweep.params if k != "train.steps"]
+    columns = [f"params.`{k}`" for k in swept]
+    columns += [f"metrics.`trial/{m}`" for m in ("state", "best_step", "collapse_step")]
+    columns += ["tags.`klein.state`", "tags.`klein.collapse_reason`"]
+    order = "train.lr" if "train.lr" in swept else (swept[0] if swept else "train.lr")
+    return columns, f"params.`{order}`"
 
 
 def log_cost_prediction(parent, plan: SweepPlan) -> None:
