@@ -89,7 +89,7 @@ def test_repeats_replaces_steps_and_warmup_needs_warmup_schedule():
         compose_settings("train.warmup_steps=10")
 
 
-@pytest.mark.parametrize("model,every,images", [("mini", 100, 8), ("flux2_klein_base_9b", 500, 2)])
+@pytest.mark.parametrize("model,every,images", [("mini", 250, 8), ("flux2_klein_base_9b", 500, 2)])
 def test_the_recipe_fills_the_validation_cadence_a_user_left_open(model, every, images):
     e = compose_settings(f"model={model}", "eval=default")[1].eval
     assert (e.validation_every, e.validation_images) == (every, images)

@@ -28,4 +28,5 @@ def test_notebook_runs_on_a_sweeps_mlflow_store(tmp_path, monkeypatch):
             exec(compile("".join(cell["source"]), "notebook", "exec"), namespace)
     assert len(namespace["trials"]) == 2
     assert all(namespace["history"][r.info.run_id]["eval/id_sim"] for r in namespace["trials"])
+    assert all(namespace["history"][r.info.run_id]["val/prior_loss"] for r in namespace["trials"])
     assert sorted(r.data.params["train.lr"] for r in namespace["trials"]) == ["0.0001", "0.0004"]

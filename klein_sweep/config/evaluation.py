@@ -89,7 +89,7 @@ class EvalConfig(CollapseThresholds):
     validation_every: Optional[int] = None
     """Steps between validation-loss checkpoints (val/fit_loss, val/prior_loss: forward passes
     on fixed inputs, no sampling), on top of the sampled checkpoints, which always get them too;
-    null = the recipe's (full: 100, economy: 500); 0 = only at the sampled checkpoints."""
+    null = the recipe's (full: 250, economy: 500); 0 = only at the sampled checkpoints."""
     validation_images: Optional[int] = None
     """Images in each validation loss: the first training images (file order) for val/fit_loss,
     the first base samples of the prior prompts (one per prompt before a second seed) for
