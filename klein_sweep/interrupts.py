@@ -10,9 +10,20 @@ remembers the request, and the sweep checks it between trials.
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 
 _requested = threading.Event()
+_default_unraisable = sys.unraisablehook
+
+
+def _quiet_swallowed_interrupt(unraisable) -> None:
+    """A Ctrl-C swallowed inside a __del__ or weakref callback is remembered above and acted on
+    at the next safe point: printing its traceback would only bury the one line the user should
+    read. Every other unraisable exception is reported as Python would."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt) and _requested.is_set():
+        return
+    _default_unraisable(unraisable)
 
 
 def _on_sigint(signum, frame):
@@ -30,6 +41,7 @@ def _on_sigint_once(signum, frame):
 def install(raise_once: bool = False) -> None:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _on_sigint_once if raise_once else _on_sigint)
+        sys.unraisablehook = _quiet_swallowed_interrupt
 
 
 def raise_if_requested() -> None:

@@ -13,6 +13,14 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 TINY_DATA = REPO / "klein_sweep" / "assets" / "tiny_character"
 
+# Under pytest-xdist (the default run: -n auto) each test process gets its share of the cores,
+# for torch here and for the CLI processes it starts: two 2-thread processes on 2 cores would
+# fight over them.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _threads = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    os.environ.setdefault("OMP_NUM_THREADS", _threads)
+    os.environ.setdefault("MKL_NUM_THREADS", _threads)
+
 
 def pytest_collection_modifyitems(config, items):
     import torch

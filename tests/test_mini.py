@@ -111,6 +111,8 @@ def train_and_evaluate(tmp_path, lr: float, steps: int, every: int):
     rows = []
 
     def evaluate(event, model):
+        if not event.sampled:  # a validation-loss step (eval.validation_every): nothing sampled there
+            return {}, False
         row, _ = evaluator.evaluate()
         rows.append(CheckpointRow(step=event.step, loss=event.loss, metrics=row))
         return {}, False

@@ -22,6 +22,7 @@ import torch
 
 from klein_sweep.config import Settings
 from klein_sweep.record import ValidationPoint
+from klein_sweep.training.loop import Batch, flow_matching_loss  # the loss the trials train on
 
 VALIDATION_KEYS = ("fit_loss", "prior_loss")
 
@@ -80,8 +81,6 @@ class ValidationLosses:
 
     @torch.no_grad()
     def _loss(self, transformer: torch.nn.Module, batch: FixedBatch) -> float:
-        from klein_sweep.training.loop import Batch, flow_matching_loss
-
         was_training = transformer.training
         transformer.eval()
         device, dtype = transformer.device, transformer.dtype

@@ -118,7 +118,9 @@ def run_training(
     progress: bool = True,
     lora_artifact_path: str = "lora",
 ) -> TrialOutcome:
-    """Inject the LoRA, train with checkpoints, save the LoRA and log it to `tracker`."""
+    """Inject the LoRA, train with checkpoints, save the LoRA and log it to `tracker`.
+    `evaluate(event, model) -> (metrics, stop?)` runs at every callback step: the sampled
+    checkpoints (event.sampled) and the validation-loss steps between them."""
     import torch
 
     from klein_sweep.lora.adapters import inject_lora, lora_weight_norm
