@@ -12,6 +12,7 @@ REPO = Path(__file__).resolve().parent.parent
 # Each committed sweep shrunk to two short trials on the tiny model.
 DEBUG_SIZE = {
     "lr_vs_steps": ["sweep.params.train.lr.values=[1e-4,4e-4]", "sweep.params.train.steps.values=[2,4]"],
+    "lr_vs_steps_seeds": ["sweep.params.train.lr.values=[1e-4]", "sweep.params.train.steps.values=[2,4]"],  # x seeds 0, 1
     "reproduce_2500_2e-4": ["sweep.params.train.lr.values=[1e-4,2e-4]", "sweep.params.train.steps.values=[2,4]"],
     "rank_vs_lr": ["sweep.params.train.rank.values=[4,8]", "sweep.params.train.lr.values=[1e-4]", "sweep.params.train.steps.values=[2]"],
     "grad_accum_repeats": ["sweep.params.train.grad_accum.values=[1,2]", "sweep.repeats_values=[1,2]"],

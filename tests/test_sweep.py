@@ -26,6 +26,9 @@ def test_every_sweep_runs_at_debug_size(tmp_path, name):
     assert len(completed_cells(study)) == 2
     report = json.loads((folder / "report.json").read_text())
     assert report["cells"] and all("state" in c for c in report["cells"])
+    if name == "lr_vs_steps_seeds":  # one lr at two training seeds, compared
+        assert [c["setting"] for c in report["seed_stability"]] == [{"train.lr": 1e-4}]
+        assert "## Stability across training seeds" in (folder / "report.md").read_text()
 
 
 def test_lr_vs_steps_tracks_parent_children_and_tags(tmp_path):

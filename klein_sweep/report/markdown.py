@@ -5,10 +5,11 @@ the best cell, the loss-vs-quality correlation, and the sections the evaluation 
 from __future__ import annotations
 
 from klein_sweep.report.results import SweepResults, checkpoints_with, fmt_value, setting_label, setting_order
+from klein_sweep.report.stability import stability_section
 from klein_sweep.report.validation import validation_section
 
 
-def render_markdown(results, axis, columns, labels, cells, points, fit, best, corr, val_corr=None) -> str:
+def render_markdown(results, axis, columns, labels, cells, points, fit, best, corr, val_corr=None, seeds=None) -> str:
     meta = results.meta
     lines = [f"# Sweep `{results.name}`", ""]
     lines += [f"Objective: `eval/{results.objective}` ({results.direction}) over non-collapsed checkpoints. "
@@ -43,6 +44,7 @@ def render_markdown(results, axis, columns, labels, cells, points, fit, best, co
                       f"factor of {2 ** fit.slope:.2f}."]
     else:
         lines += ["", "No boundary fit: fewer than two learning rates collapsed within the sweep."]
+    lines += stability_section(results, seeds or [])
     lines += ["", "## Best cell", ""]
     if best:
         t, r = best

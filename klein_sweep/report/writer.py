@@ -11,6 +11,7 @@ from klein_sweep.report.answer import sweep_answer
 from klein_sweep.report.markdown import render_markdown
 from klein_sweep.report.plots import plot_heatmaps
 from klein_sweep.report.results import best_cell, boundary_points, build_table, load_results, loss_quality_correlation
+from klein_sweep.report.stability import seed_comparison, stability_json
 from klein_sweep.report.validation import plot_validation, validation_correlation
 
 
@@ -25,8 +26,9 @@ def write_report(folder: str | Path, study=None, storage: str | None = None, stu
     best = best_cell(results)
     corr = loss_quality_correlation(results)
     val_corr = validation_correlation(results)
-    _atomic_write(folder / "report.md", render_markdown(results, axis, columns, labels, cells, points, fit, best, corr, val_corr))
-    _atomic_write(folder / "report.json", json.dumps(_as_json(results, axis, columns, labels, cells, points, fit, best, corr, val_corr),
+    seeds = seed_comparison(results)
+    _atomic_write(folder / "report.md", render_markdown(results, axis, columns, labels, cells, points, fit, best, corr, val_corr, seeds))
+    _atomic_write(folder / "report.json", json.dumps(_as_json(results, axis, columns, labels, cells, points, fit, best, corr, val_corr, seeds),
                                                      indent=2, default=str))
     if labels and columns:
         plot_heatmaps(folder / "heatmaps.png", results, axis, columns, labels, cells, fit, best)
@@ -34,7 +36,7 @@ def write_report(folder: str | Path, study=None, storage: str | None = None, stu
     return folder
 
 
-def _as_json(results, axis, columns, labels, cells, points, fit, best, corr, val_corr) -> dict:
+def _as_json(results, axis, columns, labels, cells, points, fit, best, corr, val_corr, seeds) -> dict:
     return {
         "name": results.name,
         "meta": results.meta.to_json() if results.meta else None,
@@ -47,6 +49,7 @@ def _as_json(results, axis, columns, labels, cells, points, fit, best, corr, val
         "best": {"trial": best[0].number, "setting": best[0].setting, **best[1].to_json()} if best else None,
         "loss_vs_quality_spearman": corr,
         "validation_vs_sampled_spearman": val_corr,
+        "seed_stability": stability_json(seeds),
         "validation": [{"trial": t.number, "setting": t.setting, "points": [v.to_json() for v in t.record.validation]}
                        for t in results.trials if t.record.validation],
         "failed": [{"trial": n, "cell": c, "reason": r} for n, c, r in results.failed],
