@@ -131,5 +131,6 @@ def test_short_lora_at_a_sane_lr_raises_identity_over_the_base(tmp_path):
 
 
 def test_absurd_lr_is_flagged_collapsed(tmp_path):
-    rows, base = train_and_evaluate(tmp_path, lr=1e-2, steps=300, every=100)
+    # measured: collapsed by concept leak at the first checkpoint (leak 0.45 against the base's 0.15)
+    rows, base = train_and_evaluate(tmp_path, lr=1e-2, steps=100, every=100)
     assert any(r.state == "collapsed" for r in rows), [(r.step, r.reason) for r in rows]
