@@ -12,7 +12,9 @@ from conftest import run_cli
 from sweep_helpers import compose_plan, load_study, run_worker, sweep_args
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+# Two workers is the CPU default path (and the harder one: the signal is forwarded); one worker,
+# the GPU path, runs with -m slow.
+@pytest.mark.parametrize("workers", [pytest.param(1, marks=pytest.mark.slow), 2])
 def test_ctrl_c_prints_one_line_closes_the_runs_and_the_same_command_resumes(tmp_path, workers):
     """Sent to the command's process alone (a terminal sends it to the worker processes too)."""
     from mlflow.tracking import MlflowClient

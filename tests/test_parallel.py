@@ -19,9 +19,12 @@ def report_of(folder):
 
 
 def test_two_worker_processes_share_the_grid_and_find_what_one_worker_finds(tmp_path):
+    from klein_sweep.sweep.worker import run_sweep
+
     args = sweep_args("lr_vs_steps", tmp_path, "sweep.params.train.lr.values=[1e-4,4e-4,1e-3]")
-    one = run_cli(*args, "sweep.workers=1", "sweep.name=one", cwd=tmp_path)
-    assert one.returncode == 0, one.stderr[-3000:]
+    # the reference: one worker, in this process (what the command runs with sweep.workers=1)
+    run_sweep(compose_plan([*args, "sweep.workers=1", "sweep.name=one", f"sweep.output_dir={tmp_path / 'sweeps' / 'one'}",
+                            "tracking=none"]), progress=False)
     two = run_cli(*args, "sweep.workers=2", "sweep.name=two", cwd=tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "sweep two: 2 workers ran 3 trials, 0 failed" in two.stdout
