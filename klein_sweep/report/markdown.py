@@ -4,7 +4,7 @@ the best cell, the loss-vs-quality correlation, and the sections the evaluation 
 
 from __future__ import annotations
 
-from klein_sweep.report.results import SweepResults, checkpoints_with, fmt_value, setting_label, setting_order
+from klein_sweep.report.results import SweepResults, checkpoints_with, fmt_value, setting_label, setting_order, spearman_table
 from klein_sweep.report.stability import stability_section
 from klein_sweep.report.validation import validation_section
 
@@ -53,12 +53,8 @@ def render_markdown(results, axis, columns, labels, cells, points, fit, best, co
     else:
         lines.append("No usable checkpoint.")
     lines += ["", "## Does training loss track quality?", "",
-              "Spearman rank correlation between the training loss and each metric across all checkpoints.", "",
-              "| metric | rho | p | n |", "|---|---|---|---|"]
-    for m, c in corr.items():
-        lines.append(f"| {m} | {c['rho']:+.2f} | {c['p']:.3g} | {c['n']} |")
-    if not corr:
-        lines.append("| (too few checkpoints) | | | |")
+              "Spearman rank correlation between the training loss and each metric across all checkpoints.", ""]
+    lines += spearman_table(corr, "metric", "too few checkpoints")
     lines += validation_section(results, val_corr or {})
     lines += full_evaluation_section(results)
     lines += strength_section(results)

@@ -160,16 +160,30 @@ def best_cell(results: SweepResults) -> tuple[TrialResult, CheckpointRow] | None
 def loss_quality_correlation(results: SweepResults) -> dict[str, dict]:
     """Spearman rank correlation between training loss and each metric across all checkpoints:
     does the loss curve say anything about quality?"""
-    from scipy.stats import spearmanr
-
     out = {}
     for m in QUALITY_METRICS:
         pairs = [(r.loss, r.value(m)) for t in results.trials for r in t.rows
                  if _finite(r.loss) and _finite(r.value(m))]
-        if len(pairs) >= 3 and len({p[0] for p in pairs}) > 1 and len({p[1] for p in pairs}) > 1:
-            rho, p = spearmanr([a for a, _ in pairs], [b for _, b in pairs])
-            out[m] = {"rho": float(rho), "p": float(p), "n": len(pairs)}
+        if (c := spearman(pairs)) is not None:
+            out[m] = c
     return out
+
+
+def spearman(pairs: list[tuple[float, float]]) -> dict | None:
+    """{rho, p, n} of (x, y) pairs; None with fewer than 3 pairs or a constant side."""
+    from scipy.stats import spearmanr
+
+    if len(pairs) < 3 or len({a for a, _ in pairs}) < 2 or len({b for _, b in pairs}) < 2:
+        return None
+    rho, p = spearmanr([a for a, _ in pairs], [b for _, b in pairs])
+    return {"rho": float(rho), "p": float(p), "n": len(pairs)}
+
+
+def spearman_table(corr: dict[str, dict], first_column: str, empty: str) -> list[str]:
+    """Markdown rows of a {name: {rho, p, n}} table."""
+    lines = [f"| {first_column} | rho | p | n |", "|---|---|---|---|"]
+    lines += [f"| {name} | {c['rho']:+.2f} | {c['p']:.3g} | {c['n']} |" for name, c in corr.items()]
+    return lines + ([f"| ({empty}) | | | |"] if not corr else [])
 
 
 

@@ -13,23 +13,17 @@ import math
 from pathlib import Path
 
 from klein_sweep.fileio import replaced_atomically
-from klein_sweep.report.results import SweepResults, setting_label, setting_order
+from klein_sweep.report.results import SweepResults, setting_label, setting_order, spearman, spearman_table
 
-# (validation loss, sampled metric, what a positive rho means)
-PAIRS = (
-    ("prior_loss", "prior_kid", "forgetting seen by both"),
-    ("prior_loss", "leak", "forgetting seen by both"),
-    ("fit_loss", "id_sim", "lower fit loss, lower identity"),
-    ("fit_loss", "kid", "lower fit loss, closer samples"),
-)
+# (validation loss, the sampled metric it should track): forgetting (prior_loss up with prior KID
+# and leak), fitting (fit_loss down as identity rises and KID to the training images falls)
+PAIRS = (("prior_loss", "prior_kid"), ("prior_loss", "leak"), ("fit_loss", "id_sim"), ("fit_loss", "kid"))
 
 
 def validation_correlation(results: SweepResults) -> dict[str, dict]:
     """{"<loss> vs <metric>": {rho, p, n}} over every evaluated checkpoint that has both."""
-    from scipy.stats import spearmanr
-
     out = {}
-    for loss, metric, _ in PAIRS:
+    for loss, metric in PAIRS:
         pairs = []
         for t in results.trials:
             by_step = {v.step: v for v in t.record.validation}
@@ -37,9 +31,8 @@ def validation_correlation(results: SweepResults) -> dict[str, dict]:
                 v = by_step.get(r.step)
                 if v is not None and _finite(getattr(v, loss)) and _finite(r.value(metric)):
                     pairs.append((getattr(v, loss), r.value(metric)))
-        if len(pairs) >= 3 and len({a for a, _ in pairs}) > 1 and len({b for _, b in pairs}) > 1:
-            rho, p = spearmanr([a for a, _ in pairs], [b for _, b in pairs])
-            out[f"{loss} vs {metric}"] = {"rho": float(rho), "p": float(p), "n": len(pairs)}
+        if (c := spearman(pairs)) is not None:
+            out[f"{loss} vs {metric}"] = c
     return out
 
 
@@ -52,12 +45,8 @@ def validation_section(results: SweepResults, corr: dict[str, dict]) -> list[str
              "LoRA fits). `val/prior_loss`: the LoRA model's loss on the base model's own prior samples minus the base "
              "model's (rises as the prior is forgotten). Forward passes only, identical inputs in every trial; "
              f"{points} points in this sweep, plotted by step in validation.png. Spearman rank correlation with the "
-             "sampled metrics at the checkpoints where both were measured:", "",
-             "| validation loss vs metric | rho | p | n |", "|---|---|---|---|"]
-    for key, c in corr.items():
-        lines.append(f"| {key} | {c['rho']:+.2f} | {c['p']:.3g} | {c['n']} |")
-    if not corr:
-        lines.append("| (too few evaluated checkpoints) | | | |")
+             "sampled metrics at the checkpoints where both were measured:", ""]
+    lines += spearman_table(corr, "validation loss vs metric", "too few evaluated checkpoints")
     triggered = [(t, v.step) for t in sorted(results.trials, key=setting_order) for v in t.record.validation if v.triggered]
     if triggered:
         where = ", ".join(f"{setting_label(t.setting)} at {step}" for t, step in triggered)
