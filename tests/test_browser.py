@@ -27,6 +27,8 @@ def finished_sweep(tmp_path_factory):
     """The debug-size lr_vs_steps on the tiny model (lr 1e-4 and 4e-4, steps 2 and 4), tracked
     to an MLflow store in the folder, as a user's default sweep is."""
     if chromium_bin() is None:
+        if os.environ.get("KLEIN_SWEEP_REQUIRE_BROWSER") == "1":
+            pytest.fail("Chromium is required (KLEIN_SWEEP_REQUIRE_BROWSER=1) but `chromium` was not found")
         pytest.skip("needs Debian's chromium (apt-get install chromium)")
     from klein_sweep.sweep.worker import run_sweep
 
