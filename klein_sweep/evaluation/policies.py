@@ -98,6 +98,10 @@ class TrialEvaluation:
         self.snapshots: dict[int, dict] = {}  # step -> LoRA values (screening only)
         self.seconds = 0.0
 
+    def base_grids(self) -> dict:
+        """The base model's sample grids by prompt set (step 0 of every trial)."""
+        return self.policy.evaluator.base_grids()
+
     def validate(self, model: torch.nn.Module) -> dict[str, float]:
         """The validation losses of the model as it is now: {fit_loss, prior_loss}."""
         start = time.perf_counter()

@@ -43,7 +43,7 @@ class TrialRecorder:
         if self.evaluation is not None and not self.rows and not self.validation:
             # Step 0 is the base model: MLflow's image viewer opens at step 0, and a slider from
             # there runs through the checkpoints.
-            self.log_grids(self.evaluation.policy.evaluator.base_grids(), step=0)
+            self.log_grids(self.evaluation.base_grids(), step=0)
         sampled = event.sampled
         if self.evaluation is not None:
             losses = self.evaluation.validate(model)
