@@ -60,3 +60,45 @@ def test_auto_uses_every_core_for_long_cpu_trials_only(tmp_path):
     assert resolve_workers(plan("sweep.params.train.lr.values=[1e-4]")) == 1  # one cell
     assert resolve_workers(plan("sweep.workers=3")) == 3
     assert resolve_workers(plan("sweep.role=work")) == 1
+
+
+def _ask_all(url: str, out) -> None:
+    """A worker process: ask until the queue is empty, the way the sweep's queue asks."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from klein_sweep.sweep.study import ask_lock
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name="race", storage=url)
+    got = []
+    while study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        with ask_lock(url):
+            trial = study.ask()
+        if "fixed_params" in study._storage.get_trial(trial._trial_id).system_attrs:
+            got.append(trial.number)
+        else:  # the queue ran dry between the check and the ask
+            study.tell(trial, state=TrialState.FAIL)
+    out.put(got)
+
+
+def test_two_processes_never_get_the_same_queued_trial_from_sqlite(tmp_path):
+    """Without the lock, Optuna on SQLite handed 3 of 200 queued trials to both processes."""
+    import multiprocessing
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="race", storage=url)
+    for i in range(200):
+        study.enqueue_trial({"x": i})
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    workers = [ctx.Process(target=_ask_all, args=(url, out)) for _ in range(2)]
+    for w in workers:
+        w.start()
+    first, second = (set(out.get(timeout=300)) for _ in workers)
+    for w in workers:
+        w.join(timeout=60)
+    assert not first & second and len(first | second) == 200

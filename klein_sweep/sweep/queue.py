@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from klein_sweep.record import Attr, retried_trials
 from klein_sweep.sweep.plan import SweepPlan, cell_key
-from klein_sweep.sweep.study import GRACE_BEATS, recover_interrupted, this_worker
+from klein_sweep.sweep.study import GRACE_BEATS, ask_lock, recover_interrupted, this_worker
 
 
 def cell_holders(study) -> dict[str, list]:
@@ -61,7 +61,8 @@ def next_trial(study, plan: SweepPlan):
                 return None
         elif _counted_trials(study) >= plan.sweep.n_trials:
             return None
-        trial = study.ask()
+        with ask_lock(plan.storage_url):  # one queued trial, one worker
+            trial = study.ask()
         # Alive from the moment it exists: a worker killed before its trial's first heartbeat
         # would leave a RUNNING trial that no grace period ever recovers.
         if hasattr(study._storage, "record_heartbeat"):
