@@ -102,7 +102,8 @@ class EvalConfig(CollapseThresholds):
     """Screening by the cheap signal: a validation checkpoint where val/prior_loss rose at least
     this much since the last sampled evaluation gets a sampled evaluation too (the prior moved:
     look now rather than at the next planned checkpoint). In flow-matching loss units; on the
-    mini world a 2500-step training at lr 4e-4 moves it by ~0.25 (docs/evaluation_cost.md).
+    mini world it reaches 0.07 after 2500 steps at lr 5e-5 and 0.25-0.28 by the lr 4e-4
+    collapse at step 1750-1800 (docs/evaluation_cost.md).
     null = sample only at the planned checkpoints."""
     sample_steps: Optional[int] = None
     """Denoising steps; null = the recipe's (model.sample_steps with recipe full)."""

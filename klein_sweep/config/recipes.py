@@ -12,7 +12,7 @@ lever below, counted by the cost preview on the 9B architecture (docs/evaluation
   screening_sample_steps 10  ... at 10 steps; the full evaluation only where it decides
   validation_every 500       the validation losses (forwards on fixed inputs, no sampling) at
   validation_images 2        the checkpoints and every 500 steps, on 2 training images and 2 base
-                             prior samples x 3 noise levels: ~2% of the sweep; the mini world every
+                             prior samples x 3 noise levels: ~2% of the evaluation; the mini world every
                              250 steps on 8 + 8 (0.37 s a point on one core: every 100 steps would
                              add ~9 s to each 2500-step trial)
 """

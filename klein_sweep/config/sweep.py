@@ -83,7 +83,8 @@ class SweepConfig:
     workers: Optional[int] = None
     """Worker processes this command starts on this machine (sweep.role=run). null = auto: on a
     CPU one single-threaded worker per core (at most one per cell: a 2-core machine runs two
-    trials at once, ~1.7x the throughput of one two-threaded trial); on a GPU one."""
+    trials at once; the default mini sweep measured 1.35-1.58x faster than one two-threaded
+    worker, benchmarks/bench_default_sweep.py); on a GPU one."""
     worker: Optional[int] = None
     """A label only: lets a launcher array start N identical workers (hydra -m sweep.worker=0,1,2)."""
 

@@ -64,8 +64,7 @@ def generate_latents(pipe, prompt_embeds: torch.Tensor, negative_embeds: torch.T
     own images look like to its flow-matching loss, without a VAE round trip."""
     from klein_sweep.data.encoding import normalise_latents
 
-    raw = generate(pipe, prompt_embeds, negative_embeds, seeds, recipe, output="latent")
-    return normalise_latents(pipe, raw.to(pipe.vae.bn.running_mean.device)).float().cpu()
+    return normalise_latents(pipe, generate(pipe, prompt_embeds, negative_embeds, seeds, recipe, output="latent"))
 
 
 def _initial_latents(pipe, generators, resolution: int) -> torch.Tensor:

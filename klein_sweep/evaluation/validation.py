@@ -24,9 +24,6 @@ from klein_sweep.config import Settings
 from klein_sweep.record import ValidationPoint
 from klein_sweep.training.loop import Batch, flow_matching_loss  # the loss the trials train on
 
-VALIDATION_KEYS = ("fit_loss", "prior_loss")
-
-
 @dataclass
 class FixedBatch:
     """Inputs of one validation loss, expanded over the sigma grid: item i*S + j is image i at
@@ -62,7 +59,6 @@ class ValidationLosses:
         from klein_sweep.evaluation.sampling import generate_latents
 
         e = settings.eval
-        self.pipe = pipe
         self.batch_size = e.batch_size
         gen = torch.Generator().manual_seed(e.validation_seed)
         k = validation_images(e)

@@ -187,7 +187,6 @@ def spearman_table(corr: dict[str, dict], first_column: str, empty: str) -> list
 
 
 
-
 def checkpoints_with(results: SweepResults, part: str) -> list[tuple[TrialResult, CheckpointRow]]:
     """(trial, row) for every row carrying `part` (scales, full, distilled), in table order."""
     return [(t, r) for t in sorted(results.trials, key=setting_order) for r in t.rows if getattr(r, part)]

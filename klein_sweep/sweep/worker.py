@@ -242,8 +242,8 @@ def open_parent_run(study, plan: SweepPlan):
 
 def runs_view_columns(plan: SweepPlan) -> tuple[list[str], str]:
     """(columns, sort key) of the sweep's runs view in the MLflow UI: the swept values, each
-    trial's state, best and collapse step, and its best checkpoint's objective; sorted by the
-    learning rate where it is swept, so the trials read as the report's table rows."""
+    trial's state, best and collapse step and collapse reason; sorted by the learning rate where
+    it is swept, so the trials read as the report's table rows."""
     swept = [k for k in plan.sweep.params if k != "train.steps"]
     columns = [f"params.`{k}`" for k in swept]
     columns += [f"metrics.`trial/{m}`" for m in ("state", "best_step", "collapse_step")]
