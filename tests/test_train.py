@@ -89,3 +89,26 @@ def test_lr_schedule_with_warmup(tiny_data):
     train_lora(pipe.transformer, params, data, cfg, steps=6, device="cpu", tracker=tracker, progress=False)
     lrs = [v for _, k, v in tracker.metrics if k == "train/lr"]
     assert lrs[0] < lrs[2] < lrs[4] == lrs[5] == cfg.lr
+
+
+def test_continuing_a_saved_training_equals_one_uninterrupted_run(tiny_data, tmp_path):
+    """Refinement continues grid trainings from their saved state: the continued LoRA must be the
+    LoRA of one longer run, bit for bit (weights, Adam moments, warmup position, data order)."""
+    from klein_sweep.training.resume import load_train_state
+
+    kw = dict(lr_schedule="constant_with_warmup", warmup_steps=4, grad_accum=2)
+    pipe, data, cfg, params = setup(tiny_data, **kw)
+    straight = train_lora(pipe.transformer, params, data, cfg, steps=9, device="cpu", caption_dropout=0.5, progress=False)
+    expected = [p.detach().clone() for p in params]
+
+    pipe, data, cfg, params = setup(tiny_data, **kw)
+    first = train_lora(pipe.transformer, params, data, cfg, steps=5, device="cpu", caption_dropout=0.5, progress=False,
+                       save_state_to=tmp_path / "state.pt")
+    pipe, data, cfg, params = setup(tiny_data, **kw)  # a fresh model and LoRA, as another worker would have
+    state = load_train_state(tmp_path / "state.pt")
+    assert state.step == 5
+    rest = train_lora(pipe.transformer, params, data, cfg, steps=9, device="cpu", caption_dropout=0.5, progress=False,
+                      resume_from=state)
+    assert rest.steps_done == 9 and len(rest.losses) == 4
+    assert first.losses + rest.losses == straight.losses
+    assert all(torch.equal(a, b) for a, b in zip(params, expected))

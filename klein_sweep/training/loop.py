@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
@@ -17,6 +18,7 @@ from klein_sweep.config import TrainConfig
 from klein_sweep.data.encoding import EncodedData
 from klein_sweep.tracking import NullTracker, Tracker
 from klein_sweep.training import flow_matching as fm
+from klein_sweep.training.resume import TrainState, lora_names, restore_lora, save_train_state
 
 
 @dataclass
@@ -61,8 +63,13 @@ def train_lora(
     caption_dropout: float = 0.0,
     tracker: Tracker | None = None,
     progress: bool = True,
+    resume_from: "TrainState | None" = None,
+    save_state_to: Path | None = None,
 ) -> TrainResult:
-    """Train the LoRA already injected into `transformer` for `steps` optimizer steps."""
+    """Train the LoRA already injected into `transformer` up to optimizer step `steps`.
+    `resume_from`: continue a saved training (its LoRA, optimizer, schedule and data order)
+    from its step instead of from 0. `save_state_to`: save that state when the training ends
+    at `steps` (not when stopped early)."""
     from accelerate import Accelerator
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
@@ -76,18 +83,26 @@ def train_lora(
     lr_scheduler = get_scheduler(
         cfg.lr_schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=steps
     )
+    start = 0
+    if resume_from is not None:
+        restore_lora(transformer, lora_params, resume_from)
+        optimizer.load_state_dict(resume_from.optimizer)
+        lr_scheduler.load_state_dict(resume_from.scheduler)
+        start = resume_from.step
     transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
     if cfg.gradient_checkpointing:
         accelerator.unwrap_model(transformer).enable_gradient_checkpointing()
     transformer.train()
 
     batches = BatchSampler(data, cfg, device, caption_dropout)
+    if resume_from is not None:
+        batches.load_state(resume_from.sampler)
     losses: list[float] = []
     window: list[float] = []  # losses since the last checkpoint
     # disable=None: a live bar on a terminal, no bar in logs and CI.
-    bar = tqdm(total=steps, desc="train", unit="step", disable=None if progress else True, dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=start, desc="train", unit="step", disable=None if progress else True, dynamic_ncols=True)
     try:
-        for step in range(1, steps + 1):
+        for step in range(start + 1, steps + 1):
             micro_losses = []
             for _ in range(cfg.grad_accum):  # micro-batches: gradients add up, the mean is the step's
                 loss = flow_matching_loss(transformer, batches.next(), device)
@@ -117,6 +132,10 @@ def train_lora(
                 transformer.train()
                 if stop:
                     return TrainResult("stopped", step, f"stopped by the checkpoint callback at step {step}", losses)
+        if save_state_to is not None:
+            save_train_state(save_state_to, TrainState(
+                step=steps, lora=dict(zip(lora_names(accelerator.unwrap_model(transformer), lora_params), (p.detach().cpu().clone() for p in lora_params))),
+                optimizer=optimizer.state_dict(), scheduler=lr_scheduler.state_dict(), sampler=batches.state()))
         return TrainResult("finished", steps, None, losses)
     finally:
         bar.close()
@@ -164,6 +183,14 @@ class BatchSampler:
         self.data, self.cfg, self.device, self.caption_dropout = data, cfg, device, caption_dropout
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.order: list[int] = []
+
+    def state(self) -> dict:
+        """Where the sampler stands: its generator and the rest of the current epoch."""
+        return {"generator": self.gen.get_state(), "order": list(self.order)}
+
+    def load_state(self, state: dict) -> None:
+        self.gen.set_state(state["generator"])
+        self.order = [int(i) for i in state["order"]]
 
     def next(self) -> Batch:
         cfg, n = self.cfg, self.data.latents.shape[0]

@@ -27,6 +27,8 @@ class TrialPlan:
     steps: int
     checkpoints: list[int]  # sampled evaluation (and validation losses)
     validation_steps: list[int] = field(default_factory=list)  # validation losses only (eval.validation_every)
+    resume_from: Path | None = None  # a saved training state (training/resume.py) to continue from its step
+    save_state: bool = False  # save the training state when it ends, for a later continuation
 
     @property
     def callback_steps(self) -> list[int]:
@@ -150,6 +152,8 @@ def run_training(
             return True  # weights went non-finite: nothing later can recover
         return stop
 
+    from klein_sweep.training.resume import STATE_FILE, load_train_state
+
     result = train_lora(
         transformer,
         params,
@@ -162,6 +166,8 @@ def run_training(
         caption_dropout=s.data.caption_dropout,
         tracker=tracker,
         progress=progress,
+        resume_from=load_train_state(plan.resume_from) if plan.resume_from else None,
+        save_state_to=Path(s.output_dir) / STATE_FILE if plan.save_state else None,
     )
     lora_path = None
     if result.status != "diverged":
