@@ -44,7 +44,7 @@ def run(folder: Path, extra: list[str]) -> tuple[float, dict]:
 def outcome(report: dict) -> tuple:
     """(state per cell, collapse step per setting, best cell): what the report concludes."""
     states = {(c["setting"], c.get("steps")): c["state"] for c in report["cells"]}
-    collapse = {json.dumps(b["setting"], sort_keys=True): b["collapse_step"] for b in report["boundary"]}
+    collapse = {json.dumps(b["setting"], sort_keys=True): b["collapse_step"] for b in report["boundary"]["trainings"]}
     best = (json.dumps(report["best"]["setting"], sort_keys=True), report["best"]["step"]) if report["best"] else None
     return states, collapse, best
 
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
         where = args.keep or Path(tmp)
         old_s, old = run(where / "one_worker", ["sweep.workers=1", *args.extra])
         new_s, new = run(where / "auto", list(args.extra))
-    trials = len(new["boundary"])
+    trials = len(new["boundary"]["trainings"])
     print(f"machine: {machine()}")
     print("| path | wall s | s per trial (wall / trials) |")
     print("|---|---|---|")

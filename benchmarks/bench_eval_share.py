@@ -27,7 +27,7 @@ def run(overrides: list[str], folder: Path) -> list:
     from klein_sweep.sweep.study import open_study
     from klein_sweep.sweep.worker import run_sweep
 
-    plan = compose_plan(["+sweep=lr_vs_steps", "tracking=none", f"sweep.output_dir={folder}", *overrides])
+    plan = compose_plan(["+sweep=lr_vs_steps", "sweep.refine=false", "tracking=none", f"sweep.output_dir={folder}", *overrides])
     run_sweep(plan, progress=False)
     return sorted(open_study(plan, create=False).get_trials(), key=lambda t: t.number)
 

@@ -8,7 +8,7 @@ Stored as Optuna user attributes (one per field, so optuna-dashboard shows them 
             train_seconds, eval_seconds, checkpoints (a list of CheckpointRow),
             validation (a list of ValidationPoint: the dense validation losses)
             + the queue's own: cell, worker, failure_reason, interrupted, duplicate_of,
-              surplus, retry_of, mlflow_run_id
+              surplus, retry_of, mlflow_run_id, refine
     study   meta (StudyMeta), mlflow_parent_run_id
 
 JSON has no NaN or infinity: they are stored as the strings "nan", "inf", "-inf" and decoded back
@@ -56,6 +56,7 @@ class Attr:
     SURPLUS = "surplus"
     RETRY_OF = "retry_of"  # sweep.retry_failed: the failed trial this one runs again
     RUN_ID = "mlflow_run_id"
+    REFINE = "refine"  # a refinement training (boundary.refine.RefineSpec); absent on grid cells
 
 
 def retried_trials(trials) -> set[int]:

@@ -11,7 +11,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 # Each committed sweep shrunk to two short trials on the tiny model.
 DEBUG_SIZE = {
-    "lr_vs_steps": ["sweep.params.train.lr.values=[1e-4,4e-4]", "sweep.params.train.steps.values=[2,4]"],
+    # refinement (on in lr_vs_steps) has its own tests: tests/test_refine.py
+    "lr_vs_steps": ["sweep.params.train.lr.values=[1e-4,4e-4]", "sweep.params.train.steps.values=[2,4]", "sweep.refine=false"],
     "lr_vs_steps_seeds": ["sweep.params.train.lr.values=[1e-4]", "sweep.params.train.steps.values=[2,4]"],  # x seeds 0, 1
     "reproduce_2500_2e-4": ["sweep.params.train.lr.values=[1e-4,2e-4]", "sweep.params.train.steps.values=[2,4]"],
     "rank_vs_lr": ["sweep.params.train.rank.values=[4,8]", "sweep.params.train.lr.values=[1e-4]", "sweep.params.train.steps.values=[2]"],

@@ -6,7 +6,7 @@ import dataclasses
 import math
 
 from klein_sweep.config import CollapseThresholds
-from klein_sweep.evaluation.collapse import best_checkpoint, classify, first_collapse_step, fit_boundary
+from klein_sweep.evaluation.collapse import best_checkpoint, classify, first_collapse_step
 from klein_sweep.record import BaseStats, CheckpointRow
 
 BASE = BaseStats(id_sim=0.50, leak=0.40, degenerate=0.0)
@@ -68,12 +68,3 @@ def test_prior_kid_leak_degenerate_and_overfit():
     kid = classify([row(1, 0.7, kid=0.01), row(2, 0.7, kid=0.05)], BASE, TH)
     assert kid[1].state == "collapsed" and "KID" in kid[1].reason
     assert states([row(1, 0.8, sample_sim=0.99)]) == ["overfit"]
-
-
-def test_boundary_fit_recovers_a_power_law():
-    # boundary step = 1e-1 * lr^-1 -> slope -1 in log-log
-    points = [(lr, round(0.1 / lr)) for lr in (5e-5, 1e-4, 2e-4, 4e-4)]
-    fit = fit_boundary(points)
-    assert abs(fit.slope + 1) < 0.01 and fit.r_value < -0.99 and fit.n_points == 4
-    assert abs(fit.step_at(1e-4) - 1000) < 10
-    assert fit_boundary([(1e-4, 1000)]) is None

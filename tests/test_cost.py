@@ -21,6 +21,9 @@ def test_dry_run_prints_the_preview_writes_cost_json_and_creates_nothing_else(tm
     assert (cost["trainings"], cost["optimizer_steps"], cost["checkpoints_evaluated"]) == (5, 12500, 25)
     assert {"train_pflop", "eval_pflop", "eval_share", "gpu_hours"} <= set(cost)
     assert cost["eval_share"] == pytest.approx(cost["eval_pflop"] / (cost["train_pflop"] + cost["eval_pflop"]), abs=1e-4)
+    # sweep.refine's bound, apart: 5 lrs continued 2500 -> 5000, and 3 bisections trained to 2500 and continued
+    assert cost["refine_max_steps"] == 5 * 2500 + 3 * (2500 + 2500) and cost["refine_max_pflop"] > 0
+    assert "refinement, at most (sweep.refine)  +27,500 steps" in proc.stdout
     assert sorted(p.name for p in (tmp_path / "sweeps" / "lr_vs_steps").iterdir()) == ["cost.json"]  # no study
     assert not (tmp_path / "mlflow.db").exists()
 

@@ -3,6 +3,8 @@ evaluated with the distilled recipe, logged as eval_distilled/*; the report comp
 
 from __future__ import annotations
 
+import json
+
 from sweep_helpers import COMMON, compose_plan
 
 from conftest import run_cli
@@ -17,7 +19,7 @@ def test_every_checkpoint_is_also_evaluated_on_the_distilled_model(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # The tiny model has no distilled sibling: it stands in for itself (distilled recipe, same weights), so the
     # whole path runs (load, compatibility check, LoRA load/unload, 4-step no-CFG sampling).
-    plan = compose_plan(["+sweep=lr_vs_steps", *COMMON, "sweep.params.train.lr.values=[1e-3]",
+    plan = compose_plan(["+sweep=lr_vs_steps", "sweep.refine=false", *COMMON, "sweep.params.train.lr.values=[1e-3]",
                          "sweep.params.train.steps.values=[2,4]", "eval.also_distilled=true", "eval.distilled_model=tiny",
                          f"data.cache_dir={tmp_path / 'cache'}", f"sweep.output_dir={tmp_path / 'sweep'}", f"tracking.uri={uri}"])
     summary = run_sweep(plan, progress=False)
@@ -32,6 +34,9 @@ def test_every_checkpoint_is_also_evaluated_on_the_distilled_model(tmp_path):
     assert [m.step for m in history] == [2, 4]
     report = (tmp_path / "sweep" / "report.md").read_text()
     assert "## Base -> distilled transfer" in report and "Mean identity change from base to distilled" in report
+    # judged on the distilled model against its own no-LoRA reference, checkpoint by checkpoint
+    (transfer,) = json.loads((tmp_path / "sweep" / "report.json").read_text())["transfer"]
+    assert sorted(transfer["states"]) == ["2", "4"] and "first collapse on distilled" in report
 
 
 def test_a_model_without_a_distilled_counterpart_is_refused_up_front(tmp_path):

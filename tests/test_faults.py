@@ -12,7 +12,7 @@ import pytest
 import torch
 from sweep_helpers import COMMON, compose_plan
 
-GRID = ["+sweep=lr_vs_steps", *COMMON, "sweep.params.train.lr.values=[1e-4,2e-4]", "sweep.params.train.steps.values=[2,4]"]
+GRID = ["+sweep=lr_vs_steps", "sweep.refine=false", *COMMON, "sweep.params.train.lr.values=[1e-4,2e-4]", "sweep.params.train.steps.values=[2,4]"]
 
 
 def tiny_plan(tmp_path: Path, *extra: str):

@@ -70,7 +70,7 @@ def test_a_real_cuda_oom_fails_its_trial_and_frees_the_memory(tmp_path, monkeypa
 
     monkeypatch.setattr(loop, "flow_matching_loss", loss)
     baseline = torch.cuda.memory_allocated()
-    plan = compose_plan(["+sweep=lr_vs_steps", *COMMON, "sweep.params.train.lr.values=[1e-4,2e-4]",
+    plan = compose_plan(["+sweep=lr_vs_steps", "sweep.refine=false", *COMMON, "sweep.params.train.lr.values=[1e-4,2e-4]",
                          "sweep.params.train.steps.values=[2,4]", "train.device=cuda", f"data.cache_dir={tmp_path / 'cache'}",
                          f"sweep.output_dir={tmp_path / 'sweep'}", "tracking=none"])
     summary = run_sweep(plan, progress=False)

@@ -34,7 +34,7 @@ def test_sweep_evaluates_every_checkpoint_at_each_strength(tmp_path):
     from klein_sweep.sweep.worker import run_sweep
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    plan = compose_plan(["+sweep=lr_vs_steps", *COMMON, "sweep.params.train.lr.values=[1e-3]",
+    plan = compose_plan(["+sweep=lr_vs_steps", "sweep.refine=false", *COMMON, "sweep.params.train.lr.values=[1e-3]",
                          "sweep.params.train.steps.values=[2,4]", "eval.lora_scales=[0.5,1.0]",
                          f"data.cache_dir={tmp_path / 'cache'}", f"sweep.output_dir={tmp_path / 'sweep'}", f"tracking.uri={uri}"])
     run_sweep(plan, progress=False)

@@ -52,7 +52,7 @@ def test_auto_uses_every_core_for_long_cpu_trials_only(tmp_path):
     from klein_sweep.sweep.parallel import resolve_workers
 
     def plan(*extra):
-        return compose_plan(["+sweep=lr_vs_steps", "tracking=none", f"sweep.output_dir={tmp_path}", *extra])
+        return compose_plan(["+sweep=lr_vs_steps", "sweep.refine=false", "tracking=none", f"sweep.output_dir={tmp_path}", *extra])
 
     cores = os.cpu_count() or 1
     assert resolve_workers(plan()) == min(cores, 5)  # the shipped mini sweep: 5 cells of 2500 steps

@@ -48,7 +48,7 @@ def test_real_widths_end_to_end(real_width_model, tmp_path):
     common = [f"model=flux2_klein_base_{size}", f"model.path={folder}", f"data.path={tmp_path / 'imgs'}", *SMOKE,
               f"data.cache_dir={tmp_path / 'cache'}"]
     # Klein's text layers 9/18/27 do not exist in a 2-layer encoder: refused up front, by name.
-    refused = run_cli(*common, "+sweep=lr_vs_steps", cwd=tmp_path)
+    refused = run_cli(*common, "+sweep=lr_vs_steps", "sweep.refine=false", cwd=tmp_path)
     assert refused.returncode == 2 and "model.text_encoder_layers" in refused.stderr and "layer indices <= 2" in refused.stderr
     assert not (tmp_path / "sweeps").exists() and not (tmp_path / "mlflow.db").exists()
     # With layers the encoder has: 2 learning rates x 2 steps, one checkpoint, 2 samples each.

@@ -86,7 +86,7 @@ def test_clip_image_embedding_and_prompt_fidelity(local_clip, monkeypatch):
     ],
 )
 def test_missing_network_weights_stop_the_sweep_before_anything_is_written(tmp_path, overrides, key, download):
-    proc = run_cli("+sweep=lr_vs_steps", "model=tiny", "data=tiny_character", *overrides, cwd=tmp_path)
+    proc = run_cli("+sweep=lr_vs_steps", "sweep.refine=false", "model=tiny", "data=tiny_character", *overrides, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert key in proc.stderr and download in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "sweeps").exists() and not (tmp_path / "mlflow.db").exists()
@@ -98,7 +98,7 @@ def test_a_sweep_measures_identity_with_dinov2_and_clip_t(tmp_path, local_dinov2
     from klein_sweep.sweep.study import open_study
     from klein_sweep.sweep.worker import run_sweep
 
-    plan = compose_plan(["+sweep=lr_vs_steps", *COMMON, "sweep.params.train.lr.values=[1e-3]",
+    plan = compose_plan(["+sweep=lr_vs_steps", "sweep.refine=false", *COMMON, "sweep.params.train.lr.values=[1e-3]",
                          "sweep.params.train.steps.values=[2]", "eval.feature_network=dinov2", "eval.identity_network=dinov2",
                          "eval.prompt_fidelity=true",
                          f"eval.network_paths.dinov2={local_dinov2}", f"eval.network_paths.clip={local_clip}",

@@ -31,7 +31,7 @@ def test_screened_sweep_evaluates_the_deciding_checkpoints_in_full(tmp_path):
     from klein_sweep.sweep.worker import run_sweep
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    plan = compose_plan(["+sweep=lr_vs_steps", *COMMON, "eval.seeds=[0,1,2,3]", "eval.screening_seeds=[0,1]",
+    plan = compose_plan(["+sweep=lr_vs_steps", "sweep.refine=false", *COMMON, "eval.seeds=[0,1,2,3]", "eval.screening_seeds=[0,1]",
                          "eval.prior_prompts=['photo of a creature','a creature on a sky background']",
                          "sweep.params.train.lr.values=[1e-3]", "sweep.params.train.steps.values=[2,4,6]",
                          f"data.cache_dir={tmp_path / 'cache'}", f"sweep.output_dir={tmp_path / 'sweep'}", f"tracking.uri={uri}"])

@@ -62,7 +62,7 @@ def test_lr_vs_steps_tracks_parent_children_and_tags(tmp_path):
     best = answer["best"]
     assert pm["sweep/best_value"] == pytest.approx(best["id_sim"]) and pm["sweep/best_step"] == best["step"]
     assert ptags["klein.best_cell"].startswith(f"lr_{best['setting']['train.lr']:g} at step {best['step']}")
-    collapsed = {p["setting"]["train.lr"]: p["collapse_step"] for p in answer["boundary"] if p["collapse_step"] is not None}
+    collapsed = {p["setting"]["train.lr"]: p["collapse_step"] for p in answer["boundary"]["trainings"] if p["collapse_step"] is not None}
     assert {k: v for k, v in pm.items() if k.startswith("collapse_step/")} == {f"collapse_step/lr_{lr:g}": s for lr, s in collapsed.items()}
     for child in children:
         tags, rid = child.data.tags, child.info.run_id

@@ -21,7 +21,7 @@ from klein_sweep.training.loop import train_lora
 
 
 def tiny_world(tmp_path, *extra):
-    plan = compose_plan(["+sweep=lr_vs_steps", *COMMON, "eval.prior_prompts=['photo of a creature','a creature on a sky background']",
+    plan = compose_plan(["+sweep=lr_vs_steps", "sweep.refine=false", *COMMON, "eval.prior_prompts=['photo of a creature','a creature on a sky background']",
                          f"sweep.output_dir={tmp_path}", *extra])
     settings = build_settings(plan.base_cfg)
     pipe = build_tiny_pipeline(0)
@@ -65,7 +65,7 @@ def test_a_sweep_logs_stores_and_reports_the_validation_losses_densely(tmp_path)
     from klein_sweep.sweep.worker import run_sweep
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    plan = compose_plan(["+sweep=lr_vs_steps", *COMMON, "sweep.params.train.lr.values=[1e-3]", "sweep.params.train.steps.values=[2,4]",
+    plan = compose_plan(["+sweep=lr_vs_steps", "sweep.refine=false", *COMMON, "sweep.params.train.lr.values=[1e-3]", "sweep.params.train.steps.values=[2,4]",
                          "eval.validation_every=1", "eval.validation_trigger=null", f"data.cache_dir={tmp_path / 'cache'}", f"sweep.output_dir={tmp_path / 'sweep'}",
                          f"tracking.uri={uri}"])
     run_sweep(plan, progress=False)
@@ -90,7 +90,7 @@ def test_a_sweep_logs_stores_and_reports_the_validation_losses_densely(tmp_path)
 def test_the_cost_preview_counts_the_validation_losses(tmp_path):
     from klein_sweep.cost.preview import estimate_sweep_cost
 
-    base = ["+sweep=lr_vs_steps", f"sweep.output_dir={tmp_path}", "sweep.dry_run=true"]
+    base = ["+sweep=lr_vs_steps", "sweep.refine=false", f"sweep.output_dir={tmp_path}", "sweep.dry_run=true"]
     sparse = estimate_sweep_cost(compose_plan([*base, "eval.validation_every=0"]))
     dense = estimate_sweep_cost(compose_plan([*base, "eval.validation_every=50"]))
     assert dense.train_pflop == sparse.train_pflop and dense.eval_pflop > sparse.eval_pflop

@@ -80,6 +80,22 @@ class SweepConfig:
     """Queue again the grid cells whose trial failed for a reason of its own (a diverging
     setting, a bug since fixed). Off: a failed cell stays failed. Cells interrupted by the
     machine (Ctrl-C, a full disk, a lost store) always run again without it."""
+    refine: bool = False
+    """After the grid, place extra trainings where it leaves the collapse boundary unresolved
+    (klein_sweep/boundary/refine.py; needs a grid over train.lr with steps as checkpoints):
+    every learning rate that did not collapse continues from its saved state to the budget,
+    evaluated every `refine_every` steps until it collapses; and between the highest lr safe at
+    the grid's last step and the lowest that collapsed by then, learning rates are bisected in
+    log space until the two are within `refine_lr_tolerance`."""
+    refine_budget: float = 2.0
+    """Continuations run up to this multiple of the grid's largest step (2.0: 2500 -> 5000)."""
+    refine_every: Optional[int] = None
+    """Evaluation spacing of refinement trainings (steps): the resolution of their collapse step.
+    null = the grid's own spacing (the smallest gap between its step values: 500 in lr_vs_steps)."""
+    refine_lr_tolerance: float = 1.5
+    """Bisection stops once the highest safe and the lowest collapsed lr are within this factor."""
+    refine_max_bisections: int = 3
+    """At most this many bisected learning rates per setting of the other swept values."""
     workers: Optional[int] = None
     """Worker processes this command starts on this machine (sweep.role=run). null = auto: on a
     CPU one single-threaded worker per core (at most one per cell: a 2-core machine runs two
@@ -118,6 +134,11 @@ class SweepConfig:
         check_int("sweep.heartbeat_seconds", self.heartbeat_seconds, 1, 3600)
         if self.workers is not None:
             check_int("sweep.workers", self.workers, 1, 256)
+        check_float("sweep.refine_budget", self.refine_budget, 1.0, 100.0)
+        if self.refine_every is not None:
+            check_int("sweep.refine_every", self.refine_every, 1, 1_000_000)
+        check_float("sweep.refine_lr_tolerance", self.refine_lr_tolerance, 1.0, 100.0, low_open=True)
+        check_int("sweep.refine_max_bisections", self.refine_max_bisections, 0, 20)
         check_float("sweep.cost_mfu", self.cost_mfu, 0.0, 1.0, low_open=True)
         from klein_sweep.cost.gpus import peak_tflops
 

@@ -46,6 +46,8 @@ class SweepCost:
     eval_pflop: float
     gpu: str
     mfu: float
+    refine_max_pflop: float = 0.0  # sweep.refine: the most refinement can add (every lr continued, every bisection run)
+    refine_max_steps: int = 0
 
     @property
     def eval_share(self) -> float:
@@ -146,9 +148,29 @@ def estimate_sweep_cost(plan: SweepPlan, gpu: str = "H100", mfu: float = 0.45) -
         ref_flops, ref_samples = reference_flops(settings)
         eval_flops += ref_flops
         samples_total += ref_samples
+    refine_steps, refine_flops = refinement_bound(plan, t_plan, micro) if plan.sweep.refine and settings else (0, 0.0)
     return SweepCost(model=settings.model.name if settings else "", trainings=round(trainings), optimizer_steps=round(steps_total),
                      checkpoints_evaluated=round(checkpoints_total), samples=round(samples_total),
-                     train_pflop=train_flops / 1e15, eval_pflop=eval_flops / 1e15, gpu=gpu, mfu=mfu)
+                     train_pflop=train_flops / 1e15, eval_pflop=eval_flops / 1e15, gpu=gpu, mfu=mfu,
+                     refine_max_pflop=refine_flops / 1e15, refine_max_steps=refine_steps)
+
+
+def refinement_bound(plan: SweepPlan, t_plan, micro_flops: float) -> tuple[int, float]:
+    """(steps, FLOPs) refinement adds at most: every grid training continued to the budget and
+    every allowed bisection trained to the grid's last step and continued too, evaluated every
+    refine_every steps. Collapses stop them earlier: what runs is usually much less."""
+    from klein_sweep.sweep.refinement import refine_policy
+
+    policy = refine_policy(plan)
+    settings, t = t_plan.settings, t_plan.settings.train
+    lrs = len(plan.sweep.params["train.lr"].values)
+    groups = max(1, len(plan.cells) // lrs)
+    bisections = groups * policy.max_bisections
+    continued = len(plan.cells) + bisections
+    steps = continued * (policy.budget - policy.grid_steps) + bisections * policy.grid_steps
+    checkpoints = steps // policy.every
+    e_flops = evaluation_flops(settings, checkpoints)[0] if settings.eval.enabled and checkpoints else 0.0
+    return steps, steps * t.grad_accum * micro_flops + e_flops
 
 
 def render_cost(cost: SweepCost, name: str) -> str:
@@ -163,6 +185,10 @@ def render_cost(cost: SweepCost, name: str) -> str:
         ("eval share", f"{cost.eval_share:.0%}"),
         (f"predicted {cost.gpu} hours at {cost.mfu:.0%} MFU", f"{cost.gpu_hours:,.2f}"),
     ]
+    if cost.refine_max_steps:
+        total = cost.train_pflop + cost.eval_pflop
+        rows.append(("refinement, at most (sweep.refine)", f"+{cost.refine_max_steps:,} steps, +{cost.refine_max_pflop:,.1f} PFLOP "
+                     f"(+{cost.refine_max_pflop / total:.0%}); collapses end it sooner" if total else ""))
     width = max(len(k) for k, _ in rows)
     lines = [f"cost preview of sweep {name} (transformer FLOPs counted on the meta device; nothing was run)"]
     lines += [f"  {k:<{width}}  {v}" for k, v in rows]

@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
 from typing import Any
 
 from klein_sweep.config.schema import CollapseThresholds
 from klein_sweep.record import STATES, BaseStats, CheckpointRow
 
-__all__ = ["STATES", "classify", "collapse_reason", "soft_state", "first_collapse_step", "best_checkpoint",
-           "BoundaryFit", "fit_boundary"]
+__all__ = ["STATES", "classify", "collapse_reason", "soft_state", "first_collapse_step", "best_checkpoint"]
 
 NO_BASE = BaseStats()
 
@@ -116,27 +114,3 @@ def best_checkpoint(rows: list[CheckpointRow], objective: str, direction: str) -
         return None
     pick = max if direction == "maximize" else min
     return pick(usable, key=lambda r: r.value(objective))
-
-
-@dataclass(frozen=True)
-class BoundaryFit:
-    """log10(collapse step) = intercept + slope * log10(lr), fitted across learning rates."""
-
-    slope: float
-    intercept: float
-    r_value: float
-    n_points: int
-
-    def step_at(self, lr: float) -> float:
-        return 10 ** (self.intercept + self.slope * math.log10(lr))
-
-
-def fit_boundary(points: list[tuple[float, int]]) -> BoundaryFit | None:
-    """Fit (lr, first collapsed step) points; None with fewer than two distinct learning rates."""
-    from scipy.stats import linregress
-
-    pts = [(lr, s) for lr, s in points if lr and s and lr > 0 and s > 0]
-    if len({lr for lr, _ in pts}) < 2:
-        return None
-    fit = linregress([math.log10(lr) for lr, _ in pts], [math.log10(s) for _, s in pts])
-    return BoundaryFit(float(fit.slope), float(fit.intercept), float(fit.rvalue), len(pts))

@@ -5,6 +5,7 @@ judges every checkpoint into the trial's record. Knows nothing of Optuna: a swee
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Callable
@@ -17,8 +18,14 @@ from klein_sweep.record import STATES, CheckpointRow, TrialRecord, ValidationPoi
 
 class TrialRecorder:
     def __init__(self, settings: Settings, policy, tracker, n_images: int, objective: str = "eval/id_sim",
-                 direction: str = "maximize", report: Callable[[float, int], None] | None = None):
+                 direction: str = "maximize", report: Callable[[float, int], None] | None = None,
+                 continues: TrialRecord | None = None):
+        """`continues`: the record of the training this trial continues (a refinement past the
+        grid): the collapse rules compare against its best so far, the validation trigger
+        against its last sampled evaluation."""
         self.settings, self.tracker, self.report = settings, tracker, report
+        self.history = [dataclasses.replace(r, state=None, reason="") for r in (continues.rows if continues else [])]
+        self.history_validation = list(continues.validation) if continues else []
         self.evaluation = policy.start_trial() if policy is not None else None
         self.base = policy.base if policy is not None else None
         self.base_distilled = policy.base_distilled if policy is not None else None
@@ -40,14 +47,15 @@ class TrialRecorder:
         from klein_sweep.lora.io import save_lora
 
         metrics = {}
-        if self.evaluation is not None and not self.rows and not self.validation:
+        if self.evaluation is not None and not self.rows and not self.validation and not self.history:
             # Step 0 is the base model: MLflow's image viewer opens at step 0, and a slider from
             # there runs through the checkpoints.
             self.log_grids(self.evaluation.base_grids(), step=0)
         sampled = event.sampled
         if self.evaluation is not None:
             losses = self.evaluation.validate(model)
-            triggered = not sampled and prior_moved(self.validation, losses["prior_loss"], self.settings.eval.validation_trigger)
+            since = self.history_validation + self.validation
+            triggered = not sampled and prior_moved(since, losses["prior_loss"], self.settings.eval.validation_trigger)
             sampled = sampled or triggered
             self.validation.append(ValidationPoint(event.step, losses["fit_loss"], losses["prior_loss"], sampled, triggered))
             metrics.update({f"val/{k}": v for k, v in losses.items()})
@@ -62,7 +70,7 @@ class TrialRecorder:
             metrics.update(result.logged_metrics())
             self.log_grids(result.grids, step=event.step)
         self.rows.append(row)
-        current = collapse.classify(self.rows, self.base, self.settings.eval)[-1]
+        current = self.judged()[-1]
         metrics["eval/collapsed"] = float(current.state == "collapsed")
         value = row.value(self.objective)
         if current.state != "collapsed" and value is not None and math.isfinite(value):
@@ -73,6 +81,11 @@ class TrialRecorder:
                 save_lora(model, self.best_dir)  # logged with its export in finish()
         # A collapsed checkpoint ends the trial: later steps are known collapsed.
         return metrics, current.state == "collapsed"
+
+    def judged(self) -> list[CheckpointRow]:
+        """This trial's rows with the collapse rules' verdict, judged after the history's."""
+        own = {r.step for r in self.rows}
+        return [r for r in collapse.classify(self.history + self.rows, self.base, self.settings.eval) if r.step in own]
 
     def log_grids(self, grids: dict, step: int) -> None:
         """Sample grids (rows: prompts, columns: seeds) to the trial's folder and the tracker."""
@@ -91,7 +104,7 @@ class TrialRecorder:
         train_seconds = seconds - self.eval_seconds
         if outcome.status == "diverged":
             self.rows.append(CheckpointRow(step=outcome.steps_done, loss=float("nan")))
-        rows = classify_strengths(collapse.classify(self.rows, self.base, self.settings.eval), self.base, self.settings.eval)
+        rows = classify_strengths(self.judged(), self.base, self.settings.eval)
         best = collapse.best_checkpoint(rows, self.objective, self.direction)
         value = best.value(self.objective) if best else None
         if self.evaluation is not None and model is not None:

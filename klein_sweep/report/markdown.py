@@ -4,16 +4,20 @@ the best cell, the loss-vs-quality correlation, and the sections the evaluation 
 
 from __future__ import annotations
 
+from klein_sweep.report.boundary import boundary_section, refinement_section
 from klein_sweep.report.results import SweepResults, checkpoints_with, fmt_value, setting_label, setting_order, spearman_table
 from klein_sweep.report.stability import stability_section
+from klein_sweep.report.transfer import transfer_section
 from klein_sweep.report.validation import validation_section
 
 
-def render_markdown(results, axis, columns, labels, cells, points, fit, best, corr, val_corr=None, seeds=None) -> str:
+def render_markdown(results, axis, columns, labels, cells, lines_, fit, best, corr, val_corr=None, seeds=None) -> str:
+    """`lines_`: the trainings (report.boundary.Lineage) the boundary and its `fit` come from."""
     meta = results.meta
     lines = [f"# Sweep `{results.name}`", ""]
     lines += [f"Objective: `eval/{results.objective}` ({results.direction}) over non-collapsed checkpoints. "
-              f"{len(results.trials)} trials finished, {len(results.failed)} failed."]
+              f"{len(results.trials)} trials finished ({len(results.refinement)} of them refinement past the grid), "
+              f"{len(results.failed)} failed."]
     for note in meta.notes if meta else []:
         lines.append(f"- {note}")
     base = next((t.base for t in results.trials if t.base), None)
@@ -34,16 +38,8 @@ def render_markdown(results, axis, columns, labels, cells, points, fit, best, co
                 mark = " **best**" if best and setting_label(best[0].setting) == label and best[1].step == r.step else ""
                 out.append(f"{fmt_value(r.value('id_sim'))} / {fmt_value(r.value('kid'))} / {r.state}{mark}")
         lines.append(f"| {label} | " + " | ".join(out) + " |")
-    lines += ["", "## Collapse boundary", "", "| setting | first collapsed step | reason |", "|---|---|---|"]
-    for t in sorted(results.trials, key=setting_order):
-        reason = next((r.reason for r in t.rows if r.state == "collapsed"), "")
-        lines.append(f"| {setting_label(t.setting)} | {t.collapse_step if t.collapse_step is not None else 'none'} | {reason} |")
-    if fit is not None:
-        lines += ["", f"Fit across learning rates: log10(step) = {fit.intercept:.2f} + {fit.slope:.2f} * log10(lr) "
-                      f"(r = {fit.r_value:.2f}, {fit.n_points} points): doubling the lr moves the boundary by a "
-                      f"factor of {2 ** fit.slope:.2f}."]
-    else:
-        lines += ["", "No boundary fit: fewer than two learning rates collapsed within the sweep."]
+    lines += boundary_section(results, lines_, fit)
+    lines += refinement_section(results, lines_)
     lines += stability_section(results, seeds or [])
     lines += ["", "## Best cell", ""]
     if best:
@@ -65,7 +61,7 @@ def render_markdown(results, axis, columns, labels, cells, points, fit, best, co
     lines += ["", "States: G good, U underfit, O overfit, X collapsed (the rules: docs/design.md in the klein_sweep repository). "
               "Rebuild: `python -m klein_sweep.report " + results.name + "`", "",
               f"In MLflow (`mlflow ui`, experiment `{results.name}`): the parent run carries this answer as metrics "
-              "(`sweep/best_value`, `collapse_step/<setting>`, `boundary/*`); each trial's run its state, best step and "
+              "(`sweep/best_value`, `collapse_step/<setting>`, `boundary/*`); each trial's run (refinement trainings tagged `klein.refine`) its state, best step and "
               "collapse step (`trial/*`), the validation losses by step (`val/fit_loss`, `val/prior_loss`) and the sample grids by "
               "step (`samples/trigger`, `samples/prior`; step 0 is the base model). In optuna-dashboard: "
               f"`optuna-dashboard sqlite:///sweeps/{results.name}/study.db` (or the sweep.storage URL).", ""]
@@ -113,26 +109,3 @@ def full_evaluation_section(results: SweepResults) -> list[str]:
         lines.append(f"| {setting_label(t.setting)} | {r.step} | {r.state or '?'} | {fmt_value(r.value('id_sim'))} | "
                      f"{fmt_value(f.get('id_sim'))} | {fmt_value(f.get('kid'))} | {fmt_value(f.get('prior_kid'))} |")
     return lines
-
-
-def transfer_section(results: SweepResults) -> list[str]:
-    """With eval.also_distilled: each checkpoint's identity on the base model it was trained on
-    and on the distilled model (4 steps, no CFG) - does the LoRA transfer?"""
-    rows = checkpoints_with(results, "distilled")
-    if not rows:
-        return []
-    lines = ["", "## Base -> distilled transfer", "",
-             "Identity similarity of each checkpoint's LoRA on the base model (its own recipe) and on the "
-             "distilled model (4 steps, no CFG); KID to the training images on the distilled model.", "",
-             "| setting | step | identity on base | identity on distilled | KID on distilled | state on base |",
-             "|---|---|---|---|---|---|"]
-    for t, r in rows:
-        d = r.distilled
-        lines.append(f"| {setting_label(t.setting)} | {r.step} | {fmt_value(r.value('id_sim'))} | {fmt_value(d.get('id_sim'))} | "
-                     f"{fmt_value(d.get('kid'))} | {r.state or '?'} |")
-    gaps = [r.distilled["id_sim"] - r.value("id_sim") for _, r in rows
-            if isinstance(r.value("id_sim"), (int, float)) and isinstance(r.distilled.get("id_sim"), (int, float))]
-    if gaps:
-        lines += ["", f"Mean identity change from base to distilled: {sum(gaps) / len(gaps):+.3f} over {len(gaps)} checkpoints."]
-    return lines
-

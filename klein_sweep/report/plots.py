@@ -51,7 +51,7 @@ def plot_heatmaps(path: Path, results, axis, columns, labels, cells, fit, best) 
         ax.set_xlabel(axis)
         ax.set_title(title, fontsize=10)
     fig.suptitle(f"{results.name}: G good, U underfit, O overfit, X collapsed; yellow = better; red = boundary, "
-                 f"gold = best, dashed = fit; grey = not evaluated (training stopped at the collapse)", fontsize=10)
+                 f"gold = best, dashed = fit with its band; grey = not evaluated (training stopped at the collapse)", fontsize=10)
     fig.tight_layout()
     with replaced_atomically(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
@@ -59,19 +59,73 @@ def plot_heatmaps(path: Path, results, axis, columns, labels, cells, fit, best) 
 
 
 def _draw_fit(ax, fit, results, labels, columns) -> None:
-    """The fitted boundary, in the heatmap's index coordinates (log-interpolated between columns)."""
+    """The fitted boundary and its band, in the heatmap's index coordinates (log-interpolated
+    between columns; beyond the last column it leaves the plot)."""
     import numpy as np
 
-    xs, ys = [], []
     logc = np.log10([float(c) for c in columns])
-    for t in results.trials:
-        lr = t.setting.get("train.lr")
-        label = setting_label(t.setting)
-        if lr is None or label not in labels:
-            continue
-        step = math.log10(fit.step_at(lr))
-        xs.append(float(np.interp(step, logc, np.arange(len(columns)), left=-0.5, right=len(columns) - 0.5)))
-        ys.append(labels.index(label))
-    if len(xs) >= 2:
-        order = np.argsort(ys)
-        ax.plot(np.array(xs)[order], np.array(ys)[order], "--", color="red", linewidth=1.5)
+    index = np.arange(len(columns))
+
+    def x_of(step: float) -> float:
+        return float(np.interp(math.log10(step), logc, index, left=-0.5, right=len(columns) - 0.5))
+
+    rows = []
+    for t in results.grid:
+        lr, label = t.setting.get("train.lr"), setting_label(t.setting)
+        if lr is not None and label in labels:
+            low, high = fit.interval_at(lr)
+            rows.append((labels.index(label), x_of(fit.step_at(lr)), x_of(low), x_of(high)))
+    rows = sorted(set(rows))
+    if len(rows) >= 2:
+        y, mid, low, high = (np.array(v) for v in zip(*rows))
+        ax.fill_betweenx(y, low, high, color="red", alpha=0.15, linewidth=0)
+        ax.plot(mid, y, "--", color="red", linewidth=1.5)
+
+
+def plot_boundary(path: Path, results, lines, fit) -> None:
+    """boundary.png: collapse step against lr on log axes. Each training's collapse as the
+    interval between its last fine and first collapsed checkpoint; a training still fine at its
+    end as a triangle pointing up; the fit and its band."""
+    points = [(line, o) for line in lines if (o := line.observation()) is not None]
+    if not points:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    colors = {"grid": "black", "extend": "tab:blue", "bisect": "tab:orange"}
+    names = {"grid": "grid", "extend": "continued past the grid", "bisect": "bisected lr"}
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    shown = set()
+    for line, o in points:
+        label = names[o.source] if o.source not in shown else None
+        shown.add(o.source)
+        if o.censored:
+            ax.scatter([o.lr], [o.low], marker="^", s=70, facecolors="none", edgecolors=colors[o.source], label=label)
+        else:
+            low = o.low if o.low > 0 else o.high / 2
+            ax.plot([o.lr, o.lr], [low, o.high], color=colors[o.source], linewidth=2.5, label=label)
+            ax.scatter([o.lr], [o.high], marker="x", color=colors[o.source])
+    lrs = [o.lr for _, o in points]
+    if fit is not None:
+        xs = np.geomspace(min(lrs) / 1.2, max(lrs) * 1.2, 60)
+        band = np.array([fit.interval_at(x) for x in xs])
+        ax.fill_between(xs, band[:, 0], band[:, 1], color="red", alpha=0.15, linewidth=0,
+                        label=f"{round(fit.confidence * 100)}% band")
+        ax.plot(xs, [fit.step_at(x) for x in xs], "--", color="red",
+                label=f"fit: steps ~ lr^{fit.slope:.2f}")
+    if results.meta and results.meta.step_values:
+        ax.axhline(max(results.meta.step_values), color="grey", linestyle=":", linewidth=1, label="grid's last step")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("first collapsed step")
+    ax.set_title(f"{results.name}: collapse boundary\nbars: between the last fine and the first collapsed checkpoint; "
+                 "triangles: never collapsed, fine up to there", fontsize=8)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    with replaced_atomically(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from klein_sweep.boundary.refine import RefineSpec
 from klein_sweep.evaluation import collapse
 from klein_sweep.record import Attr, BaseStats, CheckpointRow, StudyAttr, StudyMeta, TrialRecord, decode_trial, retried_trials
 
@@ -20,6 +21,7 @@ class TrialResult:
     number: int
     setting: dict  # swept params other than the step axis
     record: TrialRecord
+    refine: RefineSpec | None = None  # a refinement training after the grid (sweep.refine); None: a grid cell
 
     @property
     def rows(self) -> list[CheckpointRow]:
@@ -44,6 +46,15 @@ class SweepResults:
     meta: StudyMeta | None
     trials: list[TrialResult]
     failed: list[tuple[int, dict, str]] = field(default_factory=list)  # number, cell, reason
+
+    @property
+    def grid(self) -> list[TrialResult]:
+        """The trials of the grid the user asked for (the table's rows), without refinement."""
+        return [t for t in self.trials if t.refine is None]
+
+    @property
+    def refinement(self) -> list[TrialResult]:
+        return [t for t in self.trials if t.refine is not None]
 
     @property
     def objective(self) -> str:
@@ -74,7 +85,7 @@ def load_results(study) -> SweepResults:
         record = decode_trial(t.user_attrs, where=f"trial {t.number}")
         if record is not None:
             setting = {k: v for k, v in cell.items() if k != "train.steps"}
-            trials.append(TrialResult(t.number, setting, record))
+            trials.append(TrialResult(t.number, setting, record, RefineSpec.from_json(t.user_attrs.get(Attr.REFINE))))
     return SweepResults(study.study_name, meta, trials, failed)
 
 
@@ -90,7 +101,7 @@ def axis_of(results: SweepResults) -> tuple[str, list]:
         return "steps", list(meta.step_values)
     # Steps trained separately (a schedule that depends on the total, or a searched step count):
     # each trial is one column, its own step count.
-    return "steps", sorted({t.steps for t in results.trials if t.steps})
+    return "steps", sorted({t.steps for t in results.grid if t.steps})
 
 
 def cell_row(trial: TrialResult, axis: str, value, steps_are_checkpoints: bool) -> CheckpointRow | None:
@@ -124,7 +135,7 @@ def build_table(results: SweepResults) -> tuple[str, list, list[str], dict]:
     axis, columns = axis_of(results)
     sac = bool(results.meta and results.meta.steps_are_checkpoints)
     labels, cells = [], {}
-    for t in sorted(results.trials, key=setting_order):
+    for t in sorted(results.grid, key=setting_order):
         label = setting_label(t.setting)
         if label not in labels:
             labels.append(label)
@@ -135,19 +146,11 @@ def build_table(results: SweepResults) -> tuple[str, list, list[str], dict]:
     return axis, columns, labels, cells
 
 
-def boundary_points(results: SweepResults) -> tuple[list[tuple], collapse.BoundaryFit | None]:
-    """Per setting: its first collapsed step. Fitted against lr when lr is swept."""
-    points = []
-    for t in results.trials:
-        points.append((t.setting, t.collapse_step))
-    lr_points = [(s.get("train.lr"), step) for s, step in points if s.get("train.lr") is not None and step is not None]
-    return points, collapse.fit_boundary(lr_points)
-
-
 def best_cell(results: SweepResults) -> tuple[TrialResult, CheckpointRow] | None:
+    """The best checkpoint of the grid (the table's cells; refinement trainings are not cells)."""
     objective, maximize = results.objective, results.direction == "maximize"
     best = None
-    for t in results.trials:
+    for t in results.grid:
         row = collapse.best_checkpoint(t.rows, objective, results.direction)
         if row is None:
             continue

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from klein_sweep.evaluation import collapse
+from klein_sweep.report.boundary import lineages
 from klein_sweep.report.results import SweepResults, fmt_value, setting_label, setting_order
 
 SEED = "train.seed"
@@ -40,15 +41,18 @@ class SeedComparison:
 
 def seed_comparison(results: SweepResults) -> list[SeedComparison]:
     """Per setting, its trials by seed; empty unless the sweep trained at least two seeds."""
-    if len({t.setting.get(SEED) for t in results.trials if SEED in t.setting}) < 2:
+    if len({t.setting.get(SEED) for t in results.grid if SEED in t.setting}) < 2:
         return []
     by_setting: dict[str, SeedComparison] = {}
-    for t in sorted(results.trials, key=setting_order):
+    for line in lineages(results):
+        t = line.trial
+        if t.refine is not None:
+            continue  # a bisected lr is not trained at every seed
         rest = {k: v for k, v in t.setting.items() if k != SEED}
         seed = int(t.setting[SEED])
         c = by_setting.setdefault(setting_label(rest), SeedComparison(rest))
         best = collapse.best_checkpoint(t.rows, results.objective, results.direction)
-        c.collapse_step[seed] = t.collapse_step
+        c.collapse_step[seed] = line.collapse_step  # refinement's continuation included
         c.best_value[seed] = best.value(results.objective) if best else None
         c.best_step[seed] = best.step if best else None
     return list(by_setting.values())

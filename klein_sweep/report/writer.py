@@ -10,8 +10,11 @@ from klein_sweep.redaction import redact
 from klein_sweep.report.answer import sweep_answer
 from klein_sweep.report.markdown import render_markdown
 from klein_sweep.report.plots import plot_heatmaps
-from klein_sweep.report.results import best_cell, boundary_points, build_table, load_results, loss_quality_correlation
+from klein_sweep.report.boundary import boundary_fit, boundary_json
+from klein_sweep.report.plots import plot_boundary
+from klein_sweep.report.results import best_cell, build_table, load_results, loss_quality_correlation
 from klein_sweep.report.stability import seed_comparison, stability_json
+from klein_sweep.report.transfer import transfer_json
 from klein_sweep.report.validation import plot_validation, validation_correlation
 
 
@@ -22,21 +25,22 @@ def write_report(folder: str | Path, study=None, storage: str | None = None, stu
     results = load_results(study)  # decoded (and version-checked) before any file is written
     folder.mkdir(parents=True, exist_ok=True)
     axis, columns, labels, cells = build_table(results)
-    points, fit = boundary_points(results)
+    lines, fit = boundary_fit(results)
     best = best_cell(results)
     corr = loss_quality_correlation(results)
     val_corr = validation_correlation(results)
     seeds = seed_comparison(results)
-    _atomic_write(folder / "report.md", render_markdown(results, axis, columns, labels, cells, points, fit, best, corr, val_corr, seeds))
-    _atomic_write(folder / "report.json", json.dumps(_as_json(results, axis, columns, labels, cells, points, fit, best, corr, val_corr, seeds),
+    _atomic_write(folder / "report.md", render_markdown(results, axis, columns, labels, cells, lines, fit, best, corr, val_corr, seeds))
+    _atomic_write(folder / "report.json", json.dumps(_as_json(results, axis, columns, labels, cells, lines, fit, best, corr, val_corr, seeds),
                                                      indent=2, default=str))
     if labels and columns:
         plot_heatmaps(folder / "heatmaps.png", results, axis, columns, labels, cells, fit, best)
+    plot_boundary(folder / "boundary.png", results, lines, fit)
     plot_validation(folder / "validation.png", results)
     return folder
 
 
-def _as_json(results, axis, columns, labels, cells, points, fit, best, corr, val_corr, seeds) -> dict:
+def _as_json(results, axis, columns, labels, cells, lines, fit, best, corr, val_corr, seeds) -> dict:
     return {
         "name": results.name,
         "meta": results.meta.to_json() if results.meta else None,
@@ -44,16 +48,16 @@ def _as_json(results, axis, columns, labels, cells, points, fit, best, corr, val
         "columns": columns,
         "rows": labels,
         "cells": [{"setting": l, axis: c, **r.to_json()} for (l, c), r in cells.items()],
-        "boundary": [{"setting": s, "collapse_step": step} for s, step in points],
-        "fit": fit.__dict__ if fit else None,
+        "boundary": boundary_json(lines, fit, results),
         "best": {"trial": best[0].number, "setting": best[0].setting, **best[1].to_json()} if best else None,
         "loss_vs_quality_spearman": corr,
         "validation_vs_sampled_spearman": val_corr,
         "seed_stability": stability_json(seeds),
+        "transfer": transfer_json(results),
         "validation": [{"trial": t.number, "setting": t.setting, "points": [v.to_json() for v in t.record.validation]}
                        for t in results.trials if t.record.validation],
         "failed": [{"trial": n, "cell": c, "reason": r} for n, c, r in results.failed],
-        "answer": dict(zip(("metrics", "tags"), sweep_answer(results, points, fit, best))),  # the parent run's
+        "answer": dict(zip(("metrics", "tags"), sweep_answer(results, lines, fit, best))),  # the parent run's
     }
 
 

@@ -76,6 +76,7 @@ def run_parallel(plan: SweepPlan, workers: int) -> SweepSummary:
     bar = tqdm(total=total, desc="trials", unit="trial", disable=None, dynamic_ncols=True)
     try:
         while any(p.is_alive() for p in processes):
+            bar.total = total + refinement_count(study)  # refinement trainings join after the grid
             bar.n = len(finished_trials(study))
             bar.refresh()
             time.sleep(1.0)
@@ -110,6 +111,14 @@ def run_parallel(plan: SweepPlan, workers: int) -> SweepSummary:
                            workers=workers)
     summary.report_dir = finish_sweep(study, plan, parent)
     return summary
+
+
+def refinement_count(study) -> int:
+    """Refinement trainings queued so far (interrupted ones run again under the same spec)."""
+    from klein_sweep.record import Attr
+    from klein_sweep.sweep.plan import cell_key
+
+    return len({cell_key(t.user_attrs[Attr.REFINE]) for t in study.get_trials(deepcopy=False) if t.user_attrs.get(Attr.REFINE)})
 
 
 def finished_trials(study) -> list:

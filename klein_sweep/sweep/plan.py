@@ -64,9 +64,11 @@ def plan_sweep(settings: Settings, resolved_cfg: dict) -> SweepPlan:
     output_dir = Path(sweep.output_dir or Path("sweeps") / sweep.name)
     storage_url = sweep.storage or f"sqlite:///{output_dir / 'study.db'}"
     n_saved = len(cells) * (len(step_values) - 1) if steps_are_checkpoints else 0
-    return SweepPlan(
+    plan = SweepPlan(
         sweep, base_cfg, cells, step_values, steps_are_checkpoints, output_dir, storage_url, settings.tracking, n_saved, notes
     )
+    check_refinable(plan)
+    return plan
 
 
 def check_every_setting(base_cfg: dict, cells: list[dict], step_values: list[int], planning_only: bool = False) -> None:
@@ -145,6 +147,9 @@ def plan_fingerprint(plan: SweepPlan) -> dict[str, Any]:
     out.update({"sweep.objective": s.objective, "sweep.direction": s.direction, "sweep.sampler": s.sampler,
                 "sweep.n_trials": s.n_trials, "sweep.step_axis": s.step_axis, "sweep.repeats_values": s.repeats_values,
                 "sweep.cells": [cell_key(c) for c in plan.cells], "sweep.step_values": plan.step_values})
+    if s.refine:  # only when on: studies prepared before refinement existed keep their fingerprint
+        out.update({f"sweep.{k}": getattr(s, k) for k in ("refine", "refine_budget", "refine_lr_tolerance", "refine_max_bisections")})
+        out["sweep.refine_every"] = refine_every(plan)  # resolved: the report states it
     return json.loads(json.dumps(out, default=str))  # as the storage will hand it back
 
 
@@ -180,3 +185,23 @@ def trial_plan(settings: Settings, plan: SweepPlan):
         settings.train = dataclasses.replace(t, steps=max(marks), repeats=None)
         return resolve_plan(settings, extra_checkpoints=marks)
     return resolve_plan(settings)
+
+
+def check_refinable(plan: SweepPlan) -> None:
+    """sweep.refine needs a grid over train.lr whose steps are checkpoints of one training."""
+    s = plan.sweep
+    if not s.refine:
+        return
+    if s.sampler != "grid" or "train.lr" not in s.params:
+        raise ConfigError("sweep.refine", True, "false, or a grid sweep over train.lr (sweep.sampler=grid with sweep.params.train.lr)")
+    if not plan.steps_are_checkpoints:
+        raise ConfigError("sweep.refine", True, "false, or steps swept as checkpoints (sweep.params.train.steps as a "
+                          "categorical list with a constant lr schedule): a continued training must be the longer training")
+
+
+def refine_every(plan: SweepPlan) -> int:
+    """sweep.refine_every, or the grid's own spacing."""
+    if plan.sweep.refine_every:
+        return plan.sweep.refine_every
+    steps = sorted(plan.step_values)
+    return min([b - a for a, b in zip(steps, steps[1:])] + [steps[0]])

@@ -13,6 +13,15 @@ from klein_sweep.sweep.plan import SweepPlan, cell_key
 from klein_sweep.sweep.study import GRACE_BEATS, ask_lock, recover_interrupted, this_worker
 
 
+def holder_key(user_attrs: dict, fixed: dict | None) -> str | None:
+    """What a trial holds: its grid cell, or its refinement (the same lr continued is not the
+    grid cell again)."""
+    if user_attrs.get(Attr.REFINE):
+        return "refine " + cell_key(user_attrs[Attr.REFINE])
+    cell = user_attrs.get(Attr.CELL) or fixed
+    return cell_key(cell) if cell is not None else None
+
+
 def cell_holders(study) -> dict[str, list]:
     """cell key -> trials that hold it: queued, running, finished, or failed for a real reason
     (a real failure is not retried; an interrupted trial is)."""
@@ -22,12 +31,12 @@ def cell_holders(study) -> dict[str, list]:
     trials = study.get_trials(deepcopy=False)
     retried = retried_trials(trials)
     for t in trials:
-        cell = t.user_attrs.get(Attr.CELL) or t.system_attrs.get("fixed_params")
-        if cell is None or t.number in retried:
+        key = holder_key(t.user_attrs, t.system_attrs.get("fixed_params"))
+        if key is None or t.number in retried:
             continue
         live = t.state in (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
         if live or (t.state == TrialState.FAIL and Attr.FAILURE in t.user_attrs):
-            held.setdefault(cell_key(cell), []).append(t)
+            held.setdefault(key, []).append(t)
     return held
 
 
@@ -75,12 +84,13 @@ def next_trial(study, plan: SweepPlan):
                 study.tell(trial, state=TrialState.FAIL)
                 return None
             return trial
-        fixed = study._storage.get_trial(trial._trial_id).system_attrs.get("fixed_params")
+        frozen = study._storage.get_trial(trial._trial_id)
+        fixed = frozen.system_attrs.get("fixed_params")
         if fixed is None:  # another worker took the last queued cell between our check and ask
             trial.set_user_attr(Attr.SURPLUS, True)
             study.tell(trial, state=TrialState.FAIL)
             continue  # a stale cell may have been queued again meanwhile; the loop checks
-        owner = _earlier_holder(study, trial.number, fixed)
+        owner = _earlier_holder(study, trial.number, holder_key(frozen.user_attrs, fixed))
         if owner is None:
             trial.set_user_attr(Attr.CELL, fixed)
             return trial
@@ -121,8 +131,8 @@ def wait_for_stale_cells(study, plan: SweepPlan) -> bool:
         time.sleep(min(interval, max(0.0, deadline - time.monotonic())) or 0.1)
 
 
-def _earlier_holder(study, number: int, cell: dict) -> int | None:
-    for t in cell_holders(study).get(cell_key(cell), []):
+def _earlier_holder(study, number: int, key: str) -> int | None:
+    for t in cell_holders(study).get(key, []):
         if t.number < number:
             return t.number
     return None

@@ -27,8 +27,10 @@ from klein_sweep.interrupts import raise_if_requested
 from klein_sweep.record import Attr, StudyAttr, StudyMeta, encode_trial
 from klein_sweep.redaction import redact
 from klein_sweep.sweep.faults import MachineFault, is_out_of_memory, machine_fault, release_memory
+from klein_sweep.sweep.parent_run import close_parent_run, open_parent_run
 from klein_sweep.sweep.plan import SweepPlan, apply_params, plan_differences, plan_fingerprint, plan_hash, trial_plan
 from klein_sweep.sweep.queue import next_trial, sync_grid_queue
+from klein_sweep.sweep.refinement import continued_record, next_refinement_trial, refine_spec, refine_trial_plan
 from klein_sweep.sweep.study import Heartbeat, open_study, recover_interrupted
 
 log = logging.getLogger(__name__)
@@ -77,7 +79,7 @@ def run_sweep(plan: SweepPlan, progress: bool = True, report: bool = True) -> Sw
         return summary
     shared = SharedModel()
     try:
-        while (trial := take_next_trial(study, plan)) is not None:
+        while (trial := take_work(study, plan)) is not None:
             ok = run_sweep_trial(study, trial, plan, shared, parent, progress)
             (summary.ran if ok else summary.failed).append(trial.number)
             raise_if_requested()  # a Ctrl-C swallowed inside a library callback still stops here
@@ -115,6 +117,13 @@ def finish_sweep(study, plan: SweepPlan, parent) -> Path:
     return report_dir
 
 
+def take_work(study, plan: SweepPlan):
+    """The next grid cell, or with sweep.refine the next grid cell or refinement training."""
+    if plan.sweep.refine:
+        return next_refinement_trial(study, plan, take_next_trial)
+    return take_next_trial(study, plan)
+
+
 def take_next_trial(study, plan: SweepPlan):
     """next_trial, with a storage lost between trials reported as the machine fault it is."""
     try:
@@ -126,26 +135,6 @@ def take_next_trial(study, plan: SweepPlan):
         if fault is None:
             raise
         raise MachineFault(f"{fault}; no trial was running: fix this and run the same command again") from exc
-
-
-def close_parent_run(study, parent, status: str) -> None:
-    """The worker that finds no other trial queued or running closes the study's MLflow run
-    (FINISHED after the last trial; KILLED when it stops on Ctrl-C or a machine fault, so the
-    run is never left RUNNING). Other workers still at work leave it open for the last one."""
-    from optuna.trial import TrialState
-
-    from klein_sweep.tracking import TrackingError
-
-    if parent is None:
-        return
-    try:
-        busy = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,) if status == "KILLED" else (TrialState.WAITING, TrialState.RUNNING))
-    except Exception:  # the storage itself is the fault: close the run anyway
-        busy = []
-    try:
-        parent.finish(status) if not busy else parent.flush()
-    except TrackingError as exc:  # the tracking store is the fault; the study keeps the truth
-        log.warning("could not close the MLflow parent run: %s", exc)
 
 
 def study_meta(plan: SweepPlan) -> StudyMeta:
@@ -216,55 +205,6 @@ def check_same_plan(plan: SweepPlan, prepared: StudyMeta, current: StudyMeta) ->
     )
 
 
-def open_parent_run(study, plan: SweepPlan):
-    """The study's MLflow parent run: created by the first worker, reopened by the others."""
-    from klein_sweep.tracking import MlflowTracker
-
-    tracking = plan.tracking
-    if tracking.backend == "none":
-        return None
-    run_id = study.user_attrs.get(StudyAttr.PARENT_RUN)
-    if run_id:
-        return MlflowTracker.attach(tracking.uri, run_id)
-    parent = MlflowTracker.start(tracking.uri, plan.sweep.name, run_name=f"study {plan.sweep.name}", tags={"klein.study": plan.sweep.name})
-    s = plan.sweep
-    parent.log_params({
-        "sweep.objective": s.objective, "sweep.direction": s.direction, "sweep.sampler": s.sampler,
-        "sweep.n_cells": len(plan.cells), "sweep.step_values": plan.step_values,
-        "sweep.steps_are_checkpoints": plan.steps_are_checkpoints,
-        "sweep.params": {k: (v.values if v.type == "categorical" else [v.low, v.high]) for k, v in s.params.items()},
-    })
-    study.set_user_attr(StudyAttr.PARENT_RUN, parent.run_id)
-    parent.share_runs_view(*runs_view_columns(plan))
-    log_cost_prediction(parent, plan)
-    return parent
-
-
-def runs_view_columns(plan: SweepPlan) -> tuple[list[str], str]:
-    """(columns, sort key) of the sweep's runs view in the MLflow UI: the swept values, each
-    trial's state, best and collapse step and collapse reason; sorted by the learning rate where
-    it is swept, so the trials read as the report's table rows."""
-    swept = [k for k in plan.sweep.params if k != "train.steps"]
-    columns = [f"params.`{k}`" for k in swept]
-    columns += [f"metrics.`trial/{m}`" for m in ("state", "best_step", "collapse_step")]
-    columns += ["tags.`klein.state`", "tags.`klein.collapse_reason`"]
-    order = "train.lr" if "train.lr" in swept else (swept[0] if swept else "train.lr")
-    return columns, f"params.`{order}`"
-
-
-def log_cost_prediction(parent, plan: SweepPlan) -> None:
-    """The cost preview (what sweep.dry_run=true prints) on the parent run and in cost.json; the
-    report adds the measured seconds beside it when the sweep ends."""
-    from klein_sweep.cost.preview import estimate_sweep_cost, write_cost
-
-    s = plan.sweep
-    cost = estimate_sweep_cost(plan, s.cost_gpu, s.cost_mfu)
-    write_cost(cost, plan.output_dir)
-    parent.log_metrics({"cost/predicted_train_pflop": cost.train_pflop, "cost/predicted_eval_pflop": cost.eval_pflop,
-                        "cost/predicted_eval_share": cost.eval_share, "cost/predicted_gpu_hours": cost.gpu_hours}, step=0)
-    parent.log_params({"sweep.cost_gpu": s.cost_gpu, "sweep.cost_mfu": s.cost_mfu})
-
-
 def run_sweep_trial(study, trial, plan: SweepPlan, shared: SharedModel, parent, progress: bool) -> bool:
     """One Optuna trial, start to tell. Returns False when it failed (recorded, not raised)."""
     from optuna.trial import TrialState
@@ -276,16 +216,21 @@ def run_sweep_trial(study, trial, plan: SweepPlan, shared: SharedModel, parent, 
     transformer = None
     try:
         with Heartbeat(study, trial, plan.sweep.heartbeat_seconds):
-            params = suggest(trial, plan)
+            refine = refine_spec(trial)
+            # A refinement's lr lies between the grid's values: its cell is set, not suggested.
+            params = dict(refine.cell) if refine else suggest(trial, plan)
             settings = apply_params(plan.base_cfg, params, output_dir=str(plan.output_dir / "trials" / f"{trial.number:04d}"))
-            plan_t = trial_plan(settings, plan)
+            plan_t = refine_trial_plan(settings, plan, refine) if refine else trial_plan(settings, plan)
+            # Saved for a later continuation past the grid (an extension is not continued again).
+            plan_t.save_state = plan.sweep.refine and (refine is None or refine.kind == "bisect")
             prepared, policy = shared.get(plan_t, settings)
             transformer = prepared.pipe.transformer
-            tracker = open_child_run(settings, plan, trial, params, parent)
+            tracker = open_child_run(settings, plan, trial, params, parent, refine)
             if tracker.run_id:
                 trial.set_user_attr(Attr.RUN_ID, tracker.run_id)
             recorder = TrialRecorder(settings, policy, tracker, n_images=len(plan_t.examples), objective=plan.sweep.objective,
-                                     direction=plan.sweep.direction, report=trial.report)
+                                     direction=plan.sweep.direction, report=trial.report,
+                                     continues=continued_record(study, refine))
             start = time.perf_counter()
             outcome = run_training(
                 plan_t, prepared, tracker, evaluate=recorder.on_checkpoint, progress=progress, lora_artifact_path="lora/last"
@@ -370,16 +315,20 @@ def suggest(trial, plan: SweepPlan) -> dict:
     return params
 
 
-def open_child_run(settings: Settings, plan: SweepPlan, trial, params: dict, parent):
+def open_child_run(settings: Settings, plan: SweepPlan, trial, params: dict, parent, refine=None):
     from klein_sweep.tracking import MlflowTracker, NullTracker
 
     if parent is None:
         return NullTracker()
     label = " ".join(f"{k.split('.')[-1]}={v}" for k, v in params.items())
+    tags = {"optuna.trial": trial.number, "optuna.study": plan.sweep.name, **{f"cell.{k}": v for k, v in params.items()}}
+    if refine is not None:  # marked in the runs table: the grid's rows stay the grid's
+        label = f"refine {refine.kind} {label} to step {refine.to_step}"
+        tags.update({"klein.refine": refine.kind, "klein.refine_detail": refine.describe()})
     return MlflowTracker.start(
         settings.tracking.uri,
         plan.sweep.name,
         run_name=f"trial {trial.number}: {label}",
         parent_run_id=parent.run_id,
-        tags={"optuna.trial": trial.number, "optuna.study": plan.sweep.name, **{f"cell.{k}": v for k, v in params.items()}},
+        tags=tags,
     )

@@ -1,0 +1,80 @@
+"""The study's MLflow parent run: created by the first worker with the sweep's params, its shared
+runs view and the cost prediction; reopened by the others; closed by the last one out."""
+
+from __future__ import annotations
+
+import logging
+
+from klein_sweep.record import StudyAttr
+from klein_sweep.sweep.plan import SweepPlan
+
+log = logging.getLogger(__name__)
+
+
+def close_parent_run(study, parent, status: str) -> None:
+    """The worker that finds no other trial queued or running closes the study's MLflow run
+    (FINISHED after the last trial; KILLED when it stops on Ctrl-C or a machine fault, so the
+    run is never left RUNNING). Other workers still at work leave it open for the last one."""
+    from optuna.trial import TrialState
+
+    from klein_sweep.tracking import TrackingError
+
+    if parent is None:
+        return
+    try:
+        busy = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,) if status == "KILLED" else (TrialState.WAITING, TrialState.RUNNING))
+    except Exception:  # the storage itself is the fault: close the run anyway
+        busy = []
+    try:
+        parent.finish(status) if not busy else parent.flush()
+    except TrackingError as exc:  # the tracking store is the fault; the study keeps the truth
+        log.warning("could not close the MLflow parent run: %s", exc)
+
+
+def open_parent_run(study, plan: SweepPlan):
+    """The study's MLflow parent run: created by the first worker, reopened by the others."""
+    from klein_sweep.tracking import MlflowTracker
+
+    tracking = plan.tracking
+    if tracking.backend == "none":
+        return None
+    run_id = study.user_attrs.get(StudyAttr.PARENT_RUN)
+    if run_id:
+        return MlflowTracker.attach(tracking.uri, run_id)
+    parent = MlflowTracker.start(tracking.uri, plan.sweep.name, run_name=f"study {plan.sweep.name}", tags={"klein.study": plan.sweep.name})
+    s = plan.sweep
+    parent.log_params({
+        "sweep.objective": s.objective, "sweep.direction": s.direction, "sweep.sampler": s.sampler,
+        "sweep.n_cells": len(plan.cells), "sweep.step_values": plan.step_values,
+        "sweep.steps_are_checkpoints": plan.steps_are_checkpoints,
+        "sweep.params": {k: (v.values if v.type == "categorical" else [v.low, v.high]) for k, v in s.params.items()},
+    })
+    study.set_user_attr(StudyAttr.PARENT_RUN, parent.run_id)
+    parent.share_runs_view(*runs_view_columns(plan))
+    log_cost_prediction(parent, plan)
+    return parent
+
+
+def runs_view_columns(plan: SweepPlan) -> tuple[list[str], str]:
+    """(columns, sort key) of the sweep's runs view in the MLflow UI: the swept values, each
+    trial's state, best and collapse step and collapse reason; sorted by the learning rate where
+    it is swept, so the trials read as the report's table rows."""
+    swept = [k for k in plan.sweep.params if k != "train.steps"]
+    columns = [f"params.`{k}`" for k in swept]
+    columns += [f"metrics.`trial/{m}`" for m in ("state", "best_step", "collapse_step")]
+    columns += ["tags.`klein.state`", "tags.`klein.collapse_reason`"]
+    order = "train.lr" if "train.lr" in swept else (swept[0] if swept else "train.lr")
+    return columns, f"params.`{order}`"
+
+
+def log_cost_prediction(parent, plan: SweepPlan) -> None:
+    """The cost preview (what sweep.dry_run=true prints) on the parent run and in cost.json; the
+    report adds the measured seconds beside it when the sweep ends."""
+    from klein_sweep.cost.preview import estimate_sweep_cost, write_cost
+
+    s = plan.sweep
+    cost = estimate_sweep_cost(plan, s.cost_gpu, s.cost_mfu)
+    write_cost(cost, plan.output_dir)
+    parent.log_metrics({"cost/predicted_train_pflop": cost.train_pflop, "cost/predicted_eval_pflop": cost.eval_pflop,
+                        "cost/predicted_eval_share": cost.eval_share, "cost/predicted_gpu_hours": cost.gpu_hours}, step=0)
+    parent.log_params({"sweep.cost_gpu": s.cost_gpu, "sweep.cost_mfu": s.cost_mfu})

@@ -1,0 +1,88 @@
+"""Refinement past the grid (sweep.refine, on in lr_vs_steps): continuations resume the grid's
+saved training, are marked in the study, MLflow and the report, and never take a grid cell's
+place; the study-side queue plans each refinement once however often it is asked."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import run_cli
+from sweep_helpers import COMMON, compose_plan, load_study
+
+GRID = ["+sweep=lr_vs_steps", *COMMON, "sweep.params.train.lr.values=[1e-4,4e-4]", "sweep.params.train.steps.values=[2,4]",
+        "sweep.refine_every=2", "sweep.workers=1"]
+
+
+def test_lr_vs_steps_continues_each_safe_training_past_the_grid(tmp_path):
+    proc = run_cli(*GRID, f"data.cache_dir={tmp_path / 'cache'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    folder = tmp_path / "sweeps" / "lr_vs_steps"
+    study = load_study(folder)
+    trials = sorted(study.trials, key=lambda t: t.number)
+    grid = [t for t in trials if "refine" not in t.user_attrs]
+    refined = [t for t in trials if "refine" in t.user_attrs]
+    # The tiny model does not collapse in 4 steps: both lrs continue from step 4 to 2 x 4, once each.
+    assert [t.user_attrs["cell"]["train.lr"] for t in grid] == [1e-4, 4e-4]
+    assert sorted((t.user_attrs["refine"]["cell"]["train.lr"], t.user_attrs["refine"]["from_trial"]) for t in refined) == [
+        (1e-4, grid[0].number), (4e-4, grid[1].number)]
+    for t in refined:
+        assert t.user_attrs["refine"]["kind"] == "extend" and t.user_attrs["refine"]["to_step"] == 8
+        assert [c["step"] for c in t.user_attrs["checkpoints"]] == [6, 8]  # evaluated after its start only
+        assert (folder / "trials" / f"{t.user_attrs['refine']['from_trial']:04d}" / "train_state.pt").exists()
+    # MLflow marks them; the grid's runs stay the grid's
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("lr_vs_steps")
+    children = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
+    assert sorted(r.data.tags.get("klein.refine", "grid") for r in children) == ["extend", "extend", "grid", "grid"]
+    assert all("refine extend" in r.data.tags["mlflow.runName"] for r in children if "klein.refine" in r.data.tags)
+    # the report: the grid table as asked (2 rows of 2 steps), the continuations in their own section
+    report = json.loads((folder / "report.json").read_text())
+    assert report["rows"] == ["lr=1.00e-04", "lr=4.00e-04"] and report["columns"] == [2, 4]
+    assert [b["found_by"] for b in report["boundary"]["trainings"]] == ["grid, continued past step 4"] * 2
+    assert [b["fine_at"] for b in report["boundary"]["trainings"]] == [8, 8]
+    text = (folder / "report.md").read_text()
+    assert "## Refinement past the grid" in text and "continue lr=0.0001 from step 4" in text
+    assert (folder / "boundary.png").exists()
+
+
+def finish(study, cell: dict, rows: list[dict], refine: dict | None = None):
+    """A finished trial with a stored record, as a worker leaves it."""
+    from optuna.trial import TrialState, create_trial
+
+    from klein_sweep.record import CheckpointRow, TrialRecord, encode_trial
+
+    collapse = next((r["step"] for r in rows if r.get("state") == "collapsed"), None)
+    record = TrialRecord(state=rows[-1]["state"], steps=rows[-1]["step"], rows=[CheckpointRow.from_json(r) for r in rows],
+                         collapse_step=collapse)
+    attrs = {"cell": cell, **encode_trial(record), **({"refine": refine} if refine else {})}
+    study.add_trial(create_trial(state=TrialState.COMPLETE, value=0.5, user_attrs=attrs))
+
+
+def test_the_study_queues_each_refinement_once_and_bisects_after_the_grid(tmp_path):
+    from optuna.trial import TrialState
+
+    from klein_sweep.sweep.refinement import queue_refinement
+    from klein_sweep.sweep.study import open_study
+
+    plan = compose_plan(["+sweep=lr_vs_steps", *COMMON, "sweep.params.train.lr.values=[1e-4,4e-4]",
+                         f"sweep.output_dir={tmp_path / 'sweep'}", "tracking=none"])
+    study = open_study(plan)
+    good = [{"step": s, "id_sim": 0.8, "state": "good"} for s in (500, 1000, 1500, 2000, 2500)]
+    finish(study, {"train.lr": 1e-4}, good)
+    study.enqueue_trial({"train.lr": 4e-4}, user_attrs={"cell": {"train.lr": 4e-4}})  # still queued
+    assert queue_refinement(study, plan) == 1  # the finished lr continues; no bisection while the grid runs
+    assert queue_refinement(study, plan) == 0  # asked again: nothing twice
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    grid_cell = waiting[0]
+    study._storage.set_trial_state_values(grid_cell._trial_id, state=TrialState.FAIL)  # stand-in for "taken"
+    collapsed = good[:3] + [{"step": 2000, "id_sim": 0.3, "state": "collapsed", "reason": "identity"}]
+    finish(study, {"train.lr": 4e-4}, collapsed)
+    assert queue_refinement(study, plan) == 1  # now the bracket (1e-4, 4e-4] is known: one bisection
+    specs = [t.user_attrs["refine"] for t in study.get_trials(states=(TrialState.WAITING,))]
+    assert sorted(s["kind"] for s in specs) == ["bisect", "extend"]
+    (bisect,) = [s for s in specs if s["kind"] == "bisect"]
+    assert bisect["cell"] == {"train.lr": pytest.approx(2e-4)} and bisect["to_step"] == 2500
