@@ -154,7 +154,8 @@ def run_sweep_command(settings: Settings, resolved: dict) -> None:
         return
     who = f"{summary.workers} workers" if summary.workers > 1 else "this worker"
     print(f"sweep {plan.study_name}: {who} ran {len(summary.ran)} trials, {len(summary.failed)} failed")
-    print(f"report: {summary.report_dir / 'report.md'} and {summary.report_dir / 'heatmaps.png'}")
+    plots = ", ".join(p.name for p in sorted(summary.report_dir.glob("*.png")))
+    print(f"report: {summary.report_dir / 'report.md'} (with {plots})")
     if summary.parent_run_id:
         from klein_sweep.tracking import runs_view_route
 

@@ -13,6 +13,9 @@ REPO = Path(__file__).resolve().parent.parent
 DEBUG_SIZE = {
     # refinement (on in lr_vs_steps) has its own tests: tests/test_refine.py
     "lr_vs_steps": ["sweep.params.train.lr.values=[1e-4,4e-4]", "sweep.params.train.steps.values=[2,4]", "sweep.refine=false"],
+    # the tiny model has no distilled sibling: it stands in for itself with the distilled recipe
+    "lr_vs_steps_distilled": ["sweep.params.train.lr.values=[1e-4,4e-4]", "sweep.params.train.steps.values=[2,4]",
+                              "eval.distilled_model=tiny"],
     "lr_vs_steps_seeds": ["sweep.params.train.lr.values=[1e-4]", "sweep.params.train.steps.values=[2,4]"],  # x seeds 0, 1
     "reproduce_2500_2e-4": ["sweep.params.train.lr.values=[1e-4,2e-4]", "sweep.params.train.steps.values=[2,4]"],
     "rank_vs_lr": ["sweep.params.train.rank.values=[4,8]", "sweep.params.train.lr.values=[1e-4]", "sweep.params.train.steps.values=[2]"],

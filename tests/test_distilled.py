@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from sweep_helpers import COMMON, compose_plan
 
 from conftest import run_cli
@@ -43,3 +45,18 @@ def test_a_model_without_a_distilled_counterpart_is_refused_up_front(tmp_path):
     proc = run_cli("+sweep=lr_vs_steps", "model=tiny", "data=tiny_character", "eval.also_distilled=true", cwd=tmp_path)
     assert proc.returncode == 2 and "eval.distilled_model" in proc.stderr and "no distilled counterpart" in proc.stderr
     assert not (tmp_path / "sweeps").exists()
+
+
+def test_on_the_mini_world_the_distilled_mini_is_the_counterpart_and_its_absence_is_named(tmp_path, monkeypatch):
+    from klein_sweep import preflight
+    from klein_sweep.config import build_settings, compose_config
+    from klein_sweep.errors import ModelError
+    from klein_sweep.evaluation.distilled import distilled_model_config
+
+    settings = build_settings(compose_config(["eval.also_distilled=true"]), output_dir=str(tmp_path))
+    distilled = distilled_model_config(settings)
+    assert (distilled.name, distilled.is_distilled, distilled.sample_steps, distilled.guidance_scale) == ("mini_distilled", True, 4, 1.0)
+    preflight.check_model(distilled, 32, key="eval.distilled_model")  # shipped: passes
+    monkeypatch.setattr(preflight, "MINI_DISTILLED_DIR", tmp_path / "gone")
+    with pytest.raises(ModelError, match="python -m klein_sweep.mini.build --only distilled"):
+        preflight.check_model(distilled, 32, key="eval.distilled_model")

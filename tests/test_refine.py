@@ -8,7 +8,6 @@ import json
 
 import pytest
 
-from conftest import run_cli
 from sweep_helpers import COMMON, compose_plan, load_study
 
 GRID = ["+sweep=lr_vs_steps", *COMMON, "sweep.params.train.lr.values=[1e-4,4e-4]", "sweep.params.train.steps.values=[2,4]",
@@ -16,9 +15,12 @@ GRID = ["+sweep=lr_vs_steps", *COMMON, "sweep.params.train.lr.values=[1e-4,4e-4]
 
 
 def test_lr_vs_steps_continues_each_safe_training_past_the_grid(tmp_path):
-    proc = run_cli(*GRID, f"data.cache_dir={tmp_path / 'cache'}", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    from klein_sweep.sweep.worker import run_sweep
+
     folder = tmp_path / "sweeps" / "lr_vs_steps"
+    plan = compose_plan([*GRID, f"data.cache_dir={tmp_path / 'cache'}", f"sweep.output_dir={folder}",
+                         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    assert run_sweep(plan, progress=False).failed == []
     study = load_study(folder)
     trials = sorted(study.trials, key=lambda t: t.number)
     grid = [t for t in trials if "refine" not in t.user_attrs]

@@ -31,8 +31,8 @@ def distilled_model_config(settings: Settings) -> ModelConfig:
         raise ConfigError(
             "eval.distilled_model", None,
             f"a model option to evaluate on: {settings.model.name} has no distilled counterpart "
-            f"(known: {', '.join(f'{b} -> {d}' for b, d in DISTILLED_COUNTERPART.items())}); on the mini world "
-            "eval.distilled_model=mini checks the distilled recipe (4 steps, no CFG) on the same weights",
+            f"(known: {', '.join(f'{b} -> {d}' for b, d in DISTILLED_COUNTERPART.items())}); "
+            f"eval.distilled_model={settings.model.name} checks the distilled recipe (4 steps, no CFG) on the same weights",
         )
     path = CONF_DIR / "model" / f"{name}.yaml"
     if not path.exists():

@@ -1,10 +1,11 @@
-"""Build the mini world's models: `python -m klein_sweep.mini.build [--only features|vae|transformer]`.
+"""Build the mini world's models: `python -m klein_sweep.mini.build [--only features|vae|transformer|distilled]`.
 
 Seeded and reproducible on the CPU. Writes into klein_sweep/mini/weights/:
   features.safetensors   the feature network (attribute heads + identity embedding)
   pipeline/              a Flux2KleinPipeline (save_pretrained layout): VAE trained to
                          reconstruct world images, a frozen random Qwen3 text encoder with a
                          locally built tokenizer, the transformer pre-trained on world captions
+  distilled_transformer/ the 4-step, no-CFG student of that transformer (mini/distill.py)
   build.json             what was built, with the quality figures measured at the end
 """
 
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from klein_sweep.mini.distill import build_distilled
 from klein_sweep.mini.world import ATTRIBUTES, render, world_samples
 
 log = logging.getLogger("klein_sweep.mini.build")
@@ -237,38 +239,30 @@ def encode_world(pipe, samples, batch: int = 256):
 def build_transformer(pipe, seed: int = 0, steps: int = 4000, batch: int = 32, n_train: int = 20000, lr: float = 5e-4) -> dict:
     """Pre-train the transformer on world images and captions (rectified flow, logit-normal
     timesteps shifted towards noise as the sampler's schedule is, 10% caption dropout)."""
-    from klein_sweep import flow_matching as fm
-    from klein_sweep.training.loop import Batch, flow_matching_loss
+    from klein_sweep.training import flow_matching as fm
+    from klein_sweep.mini.full_training import train_all_weights
+    from klein_sweep.training.loop import Batch
 
     samples = world_samples(n_train, seed=seed + 5)
     latents, embeds, empty = encode_world(pipe, samples)
     log.info("encoded %d world images for pre-training", len(samples))
-    transformer = pipe.transformer
-    transformer.train().requires_grad_(True)
-    opt = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
-    g = torch.Generator().manual_seed(seed + 6)
-    for step in range(steps):
+
+    def world_batch(g: torch.Generator) -> Batch:
         idx = torch.randint(len(latents), (batch,), generator=g)
         emb = embeds[idx].clone()
         emb[torch.rand(batch, generator=g) < 0.1] = empty
         x0 = latents[idx]
-        b = Batch(x0, emb, torch.randn(x0.shape, generator=g), fm.sample_sigmas(batch, "logit_normal", shift=3.0, generator=g))
-        loss = flow_matching_loss(transformer, b, "cpu")
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % 200 == 0:
-            log.info("transformer step %d/%d loss %.4f", step, steps, loss.item())
-    transformer.eval().requires_grad_(False)
-    return {"steps": steps, "batch": batch, "final_loss": round(float(loss.item()), 4)}
+        return Batch(x0, emb, torch.randn(x0.shape, generator=g), fm.sample_sigmas(batch, "logit_normal", shift=3.0, generator=g))
+
+    loss = train_all_weights(pipe.transformer, world_batch, steps=steps, lr=lr, weight_decay=1e-4, seed=seed + 6, what="transformer")
+    return {"steps": steps, "batch": batch, "final_loss": round(loss, 4)}
 
 
 @torch.no_grad()
-def measure_quality(pipe, features, n: int = 256, seed: int = 7) -> tuple[dict, torch.Tensor]:
-    """Sample n held-out full captions; the feature network judges shape and colour."""
+def measure_quality(pipe, features, n: int = 256, seed: int = 7, recipe: tuple[int, float] = (MINI_SAMPLE_STEPS, MINI_GUIDANCE)
+                    ) -> tuple[dict, torch.Tensor]:
+    """Sample n held-out full captions with `recipe` (steps, CFG scale); the feature network
+    judges shape, colour, pattern and background."""
     from klein_sweep.data.encoding import EncodingKey, text_encode
     from klein_sweep.evaluation.sampling import SampleRecipe, generate
 
@@ -279,16 +273,22 @@ def measure_quality(pipe, features, n: int = 256, seed: int = 7) -> tuple[dict, 
     key = EncodingKey("mini-build", 32, MINI_TEXT_LAYERS, MINI_MAX_SEQUENCE_LENGTH)
     embeds = text_encode(pipe, [caption(c) for c in creatures], key)
     empty = text_encode(pipe, [""], key)[0]
-    images = generate(pipe, embeds, empty, list(range(n)), SampleRecipe(MINI_SAMPLE_STEPS, MINI_GUIDANCE, 32, 64))
+    images = generate(pipe, embeds, empty, list(range(n)), SampleRecipe(recipe[0], recipe[1], 32, 64))
     pred = features.predict(images)
     truth = labels_tensor(creatures)
     acc = {k: round(float((pred[k] == truth[k]).float().mean()), 3) for k in ("shape", "colour", "pattern", "background")}
     return acc, images
 
 
+def distillation_prompts(pipe, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt embeddings of n world captions (and of the empty prompt) for the distillation."""
+    _, embeds, empty = encode_world(pipe, world_samples(n, seed=seed + 30))
+    return embeds, empty
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=("features", "vae", "transformer"), help="build one part")
+    parser.add_argument("--only", choices=("features", "vae", "transformer", "distilled"), help="build one part")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -296,7 +296,7 @@ def main(argv=None) -> None:
     random.seed(args.seed)
     report_path = WEIGHTS_DIR / "build.json"
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
-    parts = [args.only] if args.only else ["features", "vae", "transformer"]
+    parts = [args.only] if args.only else ["features", "vae", "transformer", "distilled"]
     for part in parts:
         start = time.perf_counter()
         if part == "features":
@@ -304,8 +304,11 @@ def main(argv=None) -> None:
         elif part == "vae":
             vae, report["vae"] = build_vae(seed=args.seed)
             vae.save_pretrained(WEIGHTS_DIR / "vae_stage")
-        else:
+        elif part == "transformer":
             report["transformer"] = build_pipeline(seed=args.seed)
+        else:
+            report["distilled"] = build_distilled(WEIGHTS_DIR, distillation_prompts, measure_quality,
+                                                  (MINI_SAMPLE_STEPS, MINI_GUIDANCE), seed=args.seed)
         report.setdefault("seconds", {})[part] = round(time.perf_counter() - start, 1)
         report_path.parent.mkdir(parents=True, exist_ok=True)
         report_path.write_text(json.dumps(report, indent=2))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from klein_sweep.config import ModelConfig
 from klein_sweep.errors import ModelError
-from klein_sweep.models.registry import KNOWN_MODELS, MINI_PIPELINE_DIR, klein_transformer_config, model_size
+from klein_sweep.models.registry import KNOWN_MODELS, MINI_DISTILLED_DIR, MINI_PIPELINE_DIR, klein_transformer_config, model_size
 
 
 @dataclass
@@ -72,7 +72,7 @@ def load_pipeline(model: ModelConfig, runtime: Runtime):
 
         pipe = build_tiny_pipeline(model.seed)
     elif model.kind == "mini":
-        pipe = _load_mini(runtime)
+        pipe = _load_mini(runtime, distilled=model.is_distilled)
     else:
         pipe = _load_pretrained(model, runtime)
     pipe.register_to_config(is_distilled=model.is_distilled)
@@ -87,13 +87,21 @@ def load_pipeline(model: ModelConfig, runtime: Runtime):
     return pipe
 
 
-def _load_mini(runtime: Runtime):
-    """The mini Klein shipped inside the package, through the same from_pretrained path."""
-    from diffusers import Flux2KleinPipeline
+def _load_mini(runtime: Runtime, distilled: bool = False):
+    """The mini Klein shipped inside the package, through the same from_pretrained path. The
+    distilled mini is the base's pipeline with the student transformer (they share VAE and text
+    encoder, as the real distilled Klein models share their base's)."""
+    from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
 
     if not (MINI_PIPELINE_DIR / "model_index.json").exists():
         raise ModelError(f"the mini model is missing from {MINI_PIPELINE_DIR}; rebuild it with python -m klein_sweep.mini.build")
-    return Flux2KleinPipeline.from_pretrained(MINI_PIPELINE_DIR, dtype=runtime.dtype, local_files_only=True)
+    if not distilled:
+        return Flux2KleinPipeline.from_pretrained(MINI_PIPELINE_DIR, dtype=runtime.dtype, local_files_only=True)
+    if not (MINI_DISTILLED_DIR / "config.json").exists():
+        raise ModelError(f"the distilled mini is missing from {MINI_DISTILLED_DIR}; build it with "
+                         "python -m klein_sweep.mini.build --only distilled")
+    student = Flux2Transformer2DModel.from_pretrained(MINI_DISTILLED_DIR, torch_dtype=runtime.dtype, local_files_only=True)
+    return Flux2KleinPipeline.from_pretrained(MINI_PIPELINE_DIR, transformer=student, dtype=runtime.dtype, local_files_only=True)
 
 
 def _load_pretrained(model: ModelConfig, runtime: Runtime):
@@ -126,7 +134,7 @@ def transformer_config(model: ModelConfig) -> dict:
 
         return dict(build_tiny_pipeline(model.seed).transformer.config)
     if model.kind == "mini":
-        return dict(Flux2Transformer2DModel.load_config(MINI_PIPELINE_DIR / "transformer"))
+        return dict(Flux2Transformer2DModel.load_config(MINI_DISTILLED_DIR if model.is_distilled else MINI_PIPELINE_DIR / "transformer"))
     if model.path and (Path(model.path) / "transformer" / "config.json").exists():
         return dict(Flux2Transformer2DModel.load_config(Path(model.path) / "transformer"))
     if model_size(model.name):

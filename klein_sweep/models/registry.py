@@ -16,7 +16,8 @@ KNOWN_MODELS = {
 }
 
 # The distilled counterpart of each trainable model (`eval.also_distilled`).
-DISTILLED_COUNTERPART = {"flux2_klein_base_9b": "flux2_klein_9b", "flux2_klein_base_4b": "flux2_klein_4b"}
+DISTILLED_COUNTERPART = {"flux2_klein_base_9b": "flux2_klein_9b", "flux2_klein_base_4b": "flux2_klein_4b",
+                         "mini": "mini_distilled"}
 
 # Sampling recipes. Base: ~50 steps with real CFG ~4 (ModelConfig's defaults); distilled: 4
 # steps without CFG (guidance 1 switches CFG off in the pipeline).
@@ -44,6 +45,8 @@ KLEIN_TEXT_ENCODER_CONFIGS = {
 
 # The mini Klein shipped inside the package (klein_sweep/mini), loaded with from_pretrained.
 MINI_PIPELINE_DIR = Path(__file__).resolve().parent.parent / "mini" / "weights" / "pipeline"
+# Its 4-step, no-CFG student (klein_sweep/mini/distill.py): a transformer only, on the base's VAE and text encoder.
+MINI_DISTILLED_DIR = MINI_PIPELINE_DIR.parent / "distilled_transformer"
 
 
 def klein_transformer_config(size: str) -> dict:

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     except KleinSweepError as exc:
         print(f"klein_sweep.report: error: {exc}", file=sys.stderr)
         return 2
-    print(f"report written to {out / 'report.md'} and {out / 'heatmaps.png'}")
+    print(f"report written to {out / 'report.md'} (with {', '.join(p.name for p in sorted(out.glob('*.png')))})")
     return 0
 
 
