@@ -118,7 +118,7 @@ def boundary_section(results: SweepResults, lines: list[Lineage], fit: BoundaryF
                 f"{fit.n_points} points ({fit.n_collapsed} collapsed, {fit.n_censored} still fine at their last step, "
                 "counted as 'later than that'), each collapse an interval between two checkpoints; maximum likelihood "
                 f"(residual sigma {fit.sigma:.3f} in log10 steps); band: {len(fit.bootstrap)} bootstrap refits over the points.",
-            "", f"### Safe steps by learning rate", "",
+            "", "### Safe steps by learning rate", "",
             f"| lr | trainings showed | fitted collapse step | {pct}% interval | safe up to |", "|---|---|---|---|---|"]
     for row in safe_steps(results, lines, fit):
         note = " (extrapolated past every training)" if row.extrapolated else ""
