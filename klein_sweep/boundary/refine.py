@@ -130,9 +130,3 @@ def next_bisection(trials: list[Finished], policy: RefinePolicy) -> RefineSpec |
     lr = float(f"{math.sqrt(lo * hi):.3g}")
     cell = {**trials[0].cell, LR: lr}
     return RefineSpec("bisect", cell, policy.grid_steps)
-
-
-def resolved(trials: list[Finished], policy: RefinePolicy) -> tuple[float | None, float | None, bool]:
-    """(lo, hi, within tolerance) of a group's bracket at the grid's largest step."""
-    lo, hi = bracket(trials, policy.grid_steps)
-    return lo, hi, lo is not None and hi is not None and hi / lo <= policy.lr_tolerance

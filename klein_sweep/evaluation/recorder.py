@@ -5,7 +5,6 @@ judges every checkpoint into the trial's record. Knows nothing of Optuna: a swee
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 from typing import Callable
@@ -24,7 +23,7 @@ class TrialRecorder:
         grid): the collapse rules compare against its best so far, the validation trigger
         against its last sampled evaluation."""
         self.settings, self.tracker, self.report = settings, tracker, report
-        self.history = [dataclasses.replace(r, state=None, reason="") for r in (continues.rows if continues else [])]
+        self.history = list(continues.rows) if continues else []  # re-judged with this trial's rows
         self.history_validation = list(continues.validation) if continues else []
         self.evaluation = policy.start_trial() if policy is not None else None
         self.base = policy.base if policy is not None else None

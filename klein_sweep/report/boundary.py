@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from klein_sweep.boundary.fit import BoundaryFit, Observation, fit_boundary
+from klein_sweep.boundary.refine import Finished, bracket
 from klein_sweep.report.results import SweepResults, TrialResult, fmt_value, setting_label, setting_order
 
 LR = "train.lr"
@@ -159,23 +160,18 @@ def refinement_section(results: SweepResults, lines: list[Lineage]) -> list[str]
 
 
 def bisection_brackets(results: SweepResults, lines: list[Lineage]) -> dict[str, tuple]:
-    """Per group of the other swept values: (highest lr fine at the grid's last step, lowest collapsed by it)."""
+    """Per group of the other swept values: (highest lr fine at the grid's last step, lowest
+    collapsed by it), as the refinement planner brackets them."""
     grid_steps = max(results.meta.step_values) if results.meta and results.meta.step_values else None
     if grid_steps is None:
         return {}
-    groups: dict[str, list[Lineage]] = {}
+    groups: dict[str, list[Finished]] = {}
     for line in lines:
         if LR in line.setting:
             rest = {k: v for k, v in line.setting.items() if k != LR}
-            groups.setdefault(setting_label(rest) if rest else "", []).append(line)
-    out = {}
-    for key, group in groups.items():
-        collapsed = [line.setting[LR] for line in group if line.collapse_step is not None and line.collapse_step <= grid_steps]
-        hi = min(collapsed) if collapsed else None
-        safe = [line.setting[LR] for line in group if (line.collapse_step is None or line.collapse_step > grid_steps)
-                and (hi is None or line.setting[LR] < hi)]
-        out[key] = (max(safe) if safe else None, hi)
-    return out
+            groups.setdefault(setting_label(rest) if rest else "", []).append(
+                Finished(line.trial.number, line.setting, line.trial.refine, line.collapse_step, line.last_step))
+    return {key: bracket(group, grid_steps) for key, group in groups.items()}
 
 
 def boundary_json(lines: list[Lineage], fit: BoundaryFit | None, results: SweepResults) -> dict:

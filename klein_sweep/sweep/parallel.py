@@ -115,10 +115,9 @@ def run_parallel(plan: SweepPlan, workers: int) -> SweepSummary:
 
 def refinement_count(study) -> int:
     """Refinement trainings queued so far (interrupted ones run again under the same spec)."""
-    from klein_sweep.record import Attr
-    from klein_sweep.sweep.plan import cell_key
+    from klein_sweep.sweep.refinement import refine_spec
 
-    return len({cell_key(t.user_attrs[Attr.REFINE]) for t in study.get_trials(deepcopy=False) if t.user_attrs.get(Attr.REFINE)})
+    return len({spec.key for t in study.get_trials(deepcopy=False) if (spec := refine_spec(t)) is not None})
 
 
 def finished_trials(study) -> list:

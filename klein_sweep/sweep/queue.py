@@ -8,6 +8,7 @@ trial whose cell another trial already holds is discarded, so no cell runs twice
 
 from __future__ import annotations
 
+from klein_sweep.boundary.refine import RefineSpec
 from klein_sweep.record import Attr, retried_trials
 from klein_sweep.sweep.plan import SweepPlan, cell_key
 from klein_sweep.sweep.study import GRACE_BEATS, ask_lock, recover_interrupted, this_worker
@@ -17,7 +18,7 @@ def holder_key(user_attrs: dict, fixed: dict | None) -> str | None:
     """What a trial holds: its grid cell, or its refinement (the same lr continued is not the
     grid cell again)."""
     if user_attrs.get(Attr.REFINE):
-        return "refine " + cell_key(user_attrs[Attr.REFINE])
+        return "refine " + RefineSpec.from_json(user_attrs[Attr.REFINE]).key
     cell = user_attrs.get(Attr.CELL) or fixed
     return cell_key(cell) if cell is not None else None
 
