@@ -8,7 +8,7 @@ import torch
 from sweep_helpers import COMMON, compose_plan
 from test_lora import sample, trained_like
 
-from klein_sweep.lora.adapters import lora_strength
+from klein_sweep.lora.adapters import lora_strength, merged_lora
 from klein_sweep.models.tiny import build_tiny_pipeline
 
 
@@ -25,6 +25,26 @@ def test_strength_scales_the_adapter_and_is_restored():
     with pytest.raises(RuntimeError), lora_strength(pipe.transformer, 0.25):
         raise RuntimeError("evaluation failed")
     assert torch.allclose(sample(pipe), full, atol=1e-6)  # trained scale back, even after an error
+
+
+def test_merged_sampling_matches_the_adapter_and_leaves_the_base_untouched():
+    pipe = build_tiny_pipeline(seed=0)
+    trained_like(pipe, rank=4, alpha=2.0)
+    base_weights = {n: p.detach().clone() for n, p in pipe.transformer.named_parameters() if "lora_" not in n}
+    full = sample(pipe)
+    with merged_lora(pipe.transformer):
+        merged = sample(pipe)
+    assert torch.allclose(merged, full, atol=1e-5) and not torch.equal(merged, full)  # folded in, same model
+    with lora_strength(pipe.transformer, 0.5):
+        half = sample(pipe)
+        with merged_lora(pipe.transformer):
+            assert torch.allclose(sample(pipe), half, atol=1e-5)  # the strength is what gets folded in
+    with pytest.raises(RuntimeError), merged_lora(pipe.transformer):
+        raise RuntimeError("evaluation failed")
+    for n, p in pipe.transformer.named_parameters():  # bit for bit, even after an error
+        if n in base_weights:
+            assert torch.equal(p, base_weights[n]), n
+    assert torch.equal(sample(pipe), full)  # the adapter runs on its own again
 
 
 def test_sweep_evaluates_every_checkpoint_at_each_strength(tmp_path):

@@ -121,8 +121,11 @@ class CheckpointEvaluator:
         """Metric row (keys without the `eval/` prefix) and the labelled sample grids by prompt
         set ("trigger", "prior"), for the pipeline's current transformer (with its LoRA)."""
         assert self.base is not None, "compute_base() first"
+        from klein_sweep.lora.adapters import merged_lora
+
         e = self.settings.eval
-        trig, prior = self._sample(self.trigger), self._sample(self.prior)
+        with merged_lora(self.pipe.transformer):
+            trig, prior = self._sample(self.trigger), self._sample(self.prior)
         clean_trig = torch.nan_to_num(trig)
         clean_prior = torch.nan_to_num(prior)
         kid_mean, kid_std = M.kid(self.net, self.reference, clean_trig, e.kid_subset_size)

