@@ -144,9 +144,14 @@ def train_lora(
 
 
 def flow_matching_loss(transformer: torch.nn.Module, batch: "Batch", device: str) -> torch.Tensor:
-    """One rectified-flow loss on a batch of cached latents. Shapes for B images, h x w latent
-    patches, C = 4 x latent channels, L text tokens, D text width:
-    latents (B, C, h, w) -> tokens (B, h*w, C); prompt_embeds (B, L, D)."""
+    """One rectified-flow loss on a batch of cached latents."""
+    return fm.flow_loss(*flow_matching_prediction(transformer, batch, device))
+
+
+def flow_matching_prediction(transformer: torch.nn.Module, batch: "Batch", device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prediction, target) of the velocity on a batch of cached latents. Shapes for B images,
+    h x w latent patches, C = 4 x latent channels, L text tokens, D text width:
+    latents (B, C, h, w) -> tokens (B, h*w, C); prompt_embeds (B, L, D); both results (B, h*w, C)."""
     from diffusers import Flux2KleinPipeline
 
     x0 = batch.latents
@@ -164,7 +169,7 @@ def flow_matching_loss(transformer: torch.nn.Module, batch: "Batch", device: str
         guidance=None,
         return_dict=False,
     )[0]
-    return fm.flow_loss(pred[:, : tokens.shape[1]], target)
+    return pred[:, : tokens.shape[1]], target
 
 
 @dataclass
