@@ -1,9 +1,9 @@
 """Wall time of the embedded default sweep (`python -m klein_sweep +sweep=lr_vs_steps`, the mini
-world on the CPU), one worker process (the old path) against the default (sweep.workers=auto:
-one single-threaded worker per core), in one run on this machine, and whether both find the
-committed report's states, collapse steps and best cell.
+world on the CPU), an old path against the default, in one run on this machine, and whether both
+find the committed report's states, collapse steps and best cell.
 
-    python benchmarks/bench_default_sweep.py
+    python benchmarks/bench_default_sweep.py                               # old: one LoRA per training (sweep.lanes=1)
+    python benchmarks/bench_default_sweep.py --old sweep.workers=1 sweep.lanes=1   # old: one worker process
     python benchmarks/bench_default_sweep.py --extra sweep.params.train.lr.values=[1e-4,4e-4]   # shorter
 
 Prints the machine (cores, AVX-512 or AVX2) beside the figures: judge by the ratio.
@@ -51,25 +51,26 @@ def outcome(report: dict) -> tuple:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--old", nargs="*", default=["sweep.lanes=1"], help="the old path's overrides")
     parser.add_argument("--extra", nargs="*", default=[], help="more overrides for both runs")
     parser.add_argument("--keep", type=Path, help="keep both sweeps' folders here (default: a temporary folder)")
     args = parser.parse_args(argv)
     committed = json.loads((REPO / "sweeps" / "lr_vs_steps" / "report.json").read_text())
     with tempfile.TemporaryDirectory() as tmp:
         where = args.keep or Path(tmp)
-        old_s, old = run(where / "one_worker", ["sweep.workers=1", *args.extra])
+        old_s, old = run(where / "old", [*args.old, *args.extra])
         new_s, new = run(where / "auto", list(args.extra))
     trials = len(new["boundary"]["trainings"])
     print(f"machine: {machine()}")
     print("| path | wall s | s per trial (wall / trials) |")
     print("|---|---|---|")
-    print(f"| one worker (old default) | {old_s:.0f} | {old_s / trials:.0f} |")
-    print(f"| sweep.workers=auto (new default) | {new_s:.0f} | {new_s / trials:.0f} |")
+    print(f"| old: {' '.join(args.old)} | {old_s:.0f} | {old_s / trials:.0f} |")
+    print(f"| default | {new_s:.0f} | {new_s / trials:.0f} |")
     print(f"speed-up: {old_s / new_s:.2f}x")
     same = outcome(old) == outcome(new)
-    print(f"one worker and auto: same states, collapse steps and best cell: {same}")
+    print(f"old and default: same states, collapse steps and best cell: {same}")
     if not args.extra:
-        print(f"auto and the committed report: same states, collapse steps and best cell: {outcome(new) == outcome(committed)}")
+        print(f"default and the committed report: same states, collapse steps and best cell: {outcome(new) == outcome(committed)}")
     return 0 if same else 1
 
 

@@ -1,10 +1,13 @@
-"""The benchmarks keep running: the training-step benchmark on the tiny model (CPU), and its
-FLOP count on the real 9B/4B architecture (meta device, no weights)."""
+"""The benchmarks keep running: the training-step benchmark on the tiny model (CPU), its FLOP
+count on the real 9B/4B architecture (meta device, no weights), lanes against one LoRA per
+training, and merged sampling (mini model)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+
+import pytest
 
 from conftest import REPO
 
@@ -29,3 +32,25 @@ def test_flop_count_of_the_real_architecture():
     row = next(line for line in out.splitlines() if line.startswith("| 512 |"))
     tflops = float(row.split("|")[3])
     assert 15 < tflops < 30  # fwd + input-grad bwd at 1024 image + 512 text tokens
+
+
+def run_benchmark(name, *args):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / name), *args],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_lanes_benchmark_prints_the_ratio_and_each_lane_matches_its_reference():
+    out = run_benchmark("bench_lanes.py", "--steps", "4", "--lanes", "5")
+    row = next(line for line in out.splitlines() if line.startswith("| lanes of 5 |"))
+    speed_up, worst = row.split("|")[3], row.split("|")[4]
+    assert float(speed_up.strip().rstrip("x")) > 0
+    assert float(worst) < 1e-4  # the five lanes are the five single-LoRA trainings
+
+
+@pytest.mark.slow
+def test_merged_sampling_benchmark_prints_the_ratio():
+    out = run_benchmark("bench_merged_sampling.py")
+    line = next(line for line in out.splitlines() if line.startswith("speed-up:"))
+    assert float(line.split("largest pixel difference:")[1]) < 1e-3  # the same samples, up to rounding

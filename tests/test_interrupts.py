@@ -47,7 +47,8 @@ def test_ctrl_c_prints_one_line_closes_the_runs_and_the_same_command_resumes(tmp
     # Pressed inside a library's garbage-collector callback, Python swallows the interrupt: the
     # trial then finishes and the sweep stops before the next one. Either way nothing is left.
     stopped = [t for t in study.get_trials() if t.user_attrs.get("interrupted")]
-    assert len(stopped) <= workers and all(t.state == TrialState.FAIL for t in stopped)
+    # In flight: one trial per worker, or with one worker both lrs as lanes of one training.
+    assert len(stopped) <= 2 and all(t.state == TrialState.FAIL for t in stopped)
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("lr_vs_steps").experiment_id])
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]

@@ -90,7 +90,8 @@ def test_lr_vs_steps_tracks_parent_children_and_tags(tmp_path):
 
 def test_killed_sweep_resumes_every_cell_once(tmp_path):
     args = sweep_args("lr_vs_steps", tmp_path, "sweep.params.train.lr.values=[1e-4,2e-4,4e-4]",
-                      "sweep.params.train.steps.values=[150,300]", "tracking=none", "sweep.workers=1")
+                      "sweep.params.train.steps.values=[150,300]", "tracking=none", "sweep.workers=1",
+                      "sweep.lanes=1")  # one trial at a time: one finished while the next runs
     worker = run_worker(args, cwd=tmp_path)
     db = tmp_path / "sweeps" / "lr_vs_steps" / "study.db"
     deadline = time.time() + 240
@@ -123,7 +124,8 @@ def test_killed_sweep_resumes_every_cell_once(tmp_path):
 @pytest.mark.slow  # the default run covers this on PostgreSQL with three workers (test_workers.py)
 def test_two_workers_never_run_a_cell_twice(tmp_path):
     args = sweep_args("lr_vs_steps", tmp_path, "sweep.params.train.lr.values=[5e-5,1e-4,1.5e-4,2e-4,4e-4]",
-                      "sweep.params.train.steps.values=[5,10]", "tracking=none")
+                      "sweep.params.train.steps.values=[5,10]", "tracking=none",
+                      "sweep.lanes=1")  # two commands that each think they are alone: lanes would let one take all
     # prepare the cache once so both workers start at the same time
     workers = [run_worker(args, cwd=tmp_path) for _ in range(2)]
     outs = [w.communicate(timeout=600) for w in workers]

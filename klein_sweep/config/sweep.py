@@ -101,6 +101,12 @@ class SweepConfig:
     CPU one single-threaded worker per core (at most one per cell: a 2-core machine runs two
     trials at once; the default mini sweep measured 1.35-1.58x faster than one two-threaded
     worker, benchmarks/bench_default_sweep.py); on a GPU one."""
+    lanes: Optional[int] = None
+    """Grid cells that differ only in train.lr trained together, in one batched forward, each
+    with its own LoRA and optimizer (klein_sweep/training/lanes.py; results equal one LoRA per
+    training within float32 rounding). 1 = one LoRA per training. null = auto: on a CPU
+    (sweep.role=run), the grid's lrs shared evenly among the worker processes it starts (5 lrs, 2
+    workers: 3 and 2 lanes); on a GPU and for sweep.role=work workers 1."""
     worker: Optional[int] = None
     """A label only: lets a launcher array start N identical workers (hydra -m sweep.worker=0,1,2)."""
 
@@ -134,6 +140,8 @@ class SweepConfig:
         check_int("sweep.heartbeat_seconds", self.heartbeat_seconds, 1, 3600)
         if self.workers is not None:
             check_int("sweep.workers", self.workers, 1, 256)
+        if self.lanes is not None:
+            check_int("sweep.lanes", self.lanes, 1, 64)
         check_float("sweep.refine_budget", self.refine_budget, 1.0, 100.0)
         if self.refine_every is not None:
             check_int("sweep.refine_every", self.refine_every, 1, 1_000_000)

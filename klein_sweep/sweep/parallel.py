@@ -6,6 +6,7 @@ recipe (sweep.role=work), so no cell runs twice and a killed worker's cell runs 
 
   run_on_this_machine(plan)   one worker in this process, or N processes when sweep.workers says so
   resolve_workers(plan)       sweep.workers, or auto: cores on a CPU (at most one per cell), 1 on a GPU
+  resolve_lanes(plan, n)      sweep.lanes, or auto: on a CPU the grid's lrs shared among the n workers
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 import os
 import signal
 import sys
@@ -38,11 +40,10 @@ def resolve_workers(plan: SweepPlan) -> int:
     if s.workers is not None:
         return s.workers
     from klein_sweep.config import build_settings
-    from klein_sweep.models.loading import pick_runtime
 
-    settings = build_settings(plan.base_cfg)
-    if pick_runtime(settings.model, settings.train.device).device != "cpu" or settings.model.kind == "pretrained":
+    if not _cpu_world(plan):
         return 1  # one GPU: one trial at a time; a real model on a CPU: one copy in memory
+    settings = build_settings(plan.base_cfg)
     steps = max(plan.step_values or [settings.train.steps or 0])
     if steps < MIN_STEPS_FOR_PROCESSES:
         return 1
@@ -50,8 +51,31 @@ def resolve_workers(plan: SweepPlan) -> int:
     return max(1, min(os.cpu_count() or 1, trials))
 
 
+def resolve_lanes(plan: SweepPlan, workers: int) -> int:
+    """sweep.lanes, or auto: on a CPU, the grid's learning rates shared evenly among the
+    `workers` this command starts. A sweep.role=work worker cannot know how many others share
+    its study: one LoRA per training there, unless sweep.lanes says otherwise."""
+    s = plan.sweep
+    if s.lanes is not None:
+        return s.lanes
+    spec = s.params.get("train.lr")
+    if s.role != "run" or s.sampler != "grid" or spec is None or spec.type != "categorical" or not _cpu_world(plan):
+        return 1
+    return max(1, math.ceil(len(spec.values) / max(1, workers)))
+
+
+def _cpu_world(plan: SweepPlan) -> bool:
+    """A sweep of a CPU-sized model on a CPU (the tiny and mini worlds)."""
+    from klein_sweep.config import build_settings
+    from klein_sweep.models.loading import pick_runtime
+
+    settings = build_settings(plan.base_cfg)
+    return pick_runtime(settings.model, settings.train.device).device == "cpu" and settings.model.kind != "pretrained"
+
+
 def run_on_this_machine(plan: SweepPlan) -> SweepSummary:
     workers = resolve_workers(plan)
+    plan.sweep.lanes = resolve_lanes(plan, workers)
     if workers <= 1:
         return run_sweep(plan)
     return run_parallel(plan, workers)

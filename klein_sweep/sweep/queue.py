@@ -4,6 +4,7 @@ trial whose cell another trial already holds is discarded, so no cell runs twice
 
   sync_grid_queue   queue the grid cells that have no trial yet
   next_trial        pop a queued cell (atomic in the storage) or ask the sampler
+  lane_companions   more queued cells that differ from a taken one only in train.lr (sweep.lanes)
 """
 
 from __future__ import annotations
@@ -61,13 +62,16 @@ def sync_grid_queue(study, cells: list[dict], retry_failed: bool = False) -> int
     return queued
 
 
-def next_trial(study, plan: SweepPlan):
-    """The next trial for this worker, or None when the sweep has nothing left to run."""
+def next_trial(study, plan: SweepPlan, wait: bool = True):
+    """The next trial for this worker, or None when the sweep has nothing left to run.
+    `wait=False`: None as soon as no grid cell is queued (no watching the running ones)."""
     from optuna.trial import TrialState
 
     while True:
         if plan.sweep.sampler == "grid":
-            if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)) and not wait_for_stale_cells(study, plan):
+            if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)) and (
+                not wait or not wait_for_stale_cells(study, plan)
+            ):
                 return None
         elif _counted_trials(study) >= plan.sweep.n_trials:
             return None
@@ -137,3 +141,35 @@ def _earlier_holder(study, number: int, key: str) -> int | None:
         if t.number < number:
             return t.number
     return None
+
+
+def lane_companions(study, first, plan: SweepPlan, lanes: int) -> tuple[list, object | None]:
+    """Up to `lanes` - 1 more grid cells for `first`'s lane group: taken from the front of the
+    queue while the front cell differs from `first`'s only in train.lr. Returns (companions, a
+    trial taken that does not fit when another worker took the front cell first: run it next)."""
+    from optuna.trial import TrialState
+
+    cell = first.user_attrs.get(Attr.CELL)
+    if lanes <= 1 or plan.sweep.sampler != "grid" or cell is None or first.user_attrs.get(Attr.REFINE):
+        return [], None
+    companions = []
+    while len(companions) < lanes - 1:
+        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        if not waiting:
+            break
+        front = min(waiting, key=lambda t: t.number)  # the storage hands out the lowest number first
+        if front.user_attrs.get(Attr.REFINE) or not differs_in_lr_only(front.system_attrs.get("fixed_params"), cell):
+            break
+        trial = next_trial(study, plan, wait=False)
+        if trial is None:
+            break
+        if trial.user_attrs.get(Attr.REFINE) or not differs_in_lr_only(trial.user_attrs.get(Attr.CELL), cell):
+            return companions, trial
+        companions.append(trial)
+    return companions, None
+
+
+def differs_in_lr_only(cell: dict | None, other: dict) -> bool:
+    if cell is None or "train.lr" not in cell:
+        return False
+    return {k: v for k, v in cell.items() if k != "train.lr"} == {k: v for k, v in other.items() if k != "train.lr"}

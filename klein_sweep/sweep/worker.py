@@ -8,30 +8,31 @@ recorded with its reason and the worker goes on.
                   last two, on a study prepared before
   prepare_study   create or reopen the study, queue the grid, record the plan, open the parent run
   join_study      a worker joining a prepared study
-  run_sweep_trial one Optuna trial, from ask to tell
+
+One trial's run is sweep/trial_run.py's; grid cells that differ only in lr run as one lane
+group (sweep/lane_group.py) when sweep.lanes allows.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from klein_sweep.config import Settings
 from klein_sweep.errors import KleinSweepError
-from klein_sweep.evaluation.recorder import TrialRecorder
 from klein_sweep.interrupts import raise_if_requested
-from klein_sweep.record import Attr, StudyAttr, StudyMeta, encode_trial
+from klein_sweep.record import StudyAttr, StudyMeta
 from klein_sweep.redaction import redact
-from klein_sweep.sweep.faults import MachineFault, is_out_of_memory, machine_fault, release_memory
+from klein_sweep.sweep.faults import MachineFault, machine_fault
+from klein_sweep.sweep.lane_group import run_lane_group
 from klein_sweep.sweep.parent_run import close_parent_run, open_parent_run
-from klein_sweep.sweep.plan import SweepPlan, apply_params, plan_differences, plan_fingerprint, plan_hash, trial_plan
-from klein_sweep.sweep.queue import next_trial, sync_grid_queue
-from klein_sweep.sweep.refinement import continued_record, next_refinement_trial, refine_spec, refine_trial_plan
-from klein_sweep.sweep.study import Heartbeat, open_study, recover_interrupted
+from klein_sweep.sweep.plan import SweepPlan, plan_differences, plan_fingerprint, plan_hash
+from klein_sweep.sweep.queue import lane_companions, next_trial, sync_grid_queue
+from klein_sweep.sweep.refinement import next_refinement_trial
+from klein_sweep.sweep.study import open_study, recover_interrupted
+from klein_sweep.sweep.trial_run import run_sweep_trial
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +79,17 @@ def run_sweep(plan: SweepPlan, progress: bool = True, report: bool = True) -> Sw
     if role == "prepare":
         return summary
     shared = SharedModel()
+    taken = None  # a trial taken while gathering a lane group that did not fit it
     try:
-        while (trial := take_work(study, plan)) is not None:
-            ok = run_sweep_trial(study, trial, plan, shared, parent, progress)
-            (summary.ran if ok else summary.failed).append(trial.number)
+        while (trial := taken or take_work(study, plan)) is not None:
+            companions, taken = lane_companions(study, trial, plan, plan.sweep.lanes or 1)
+            if companions:
+                group = [trial, *companions]
+                results = run_lane_group(study, group, plan, shared, parent, progress)
+            else:
+                group, results = [trial], [run_sweep_trial(study, trial, plan, shared, parent, progress)]
+            for t, ok in zip(group, results):
+                (summary.ran if ok else summary.failed).append(t.number)
             raise_if_requested()  # a Ctrl-C swallowed inside a library callback still stops here
     except KeyboardInterrupt:
         close_parent_run(study, parent, "KILLED")
@@ -205,130 +213,3 @@ def check_same_plan(plan: SweepPlan, prepared: StudyMeta, current: StudyMeta) ->
     )
 
 
-def run_sweep_trial(study, trial, plan: SweepPlan, shared: SharedModel, parent, progress: bool) -> bool:
-    """One Optuna trial, start to tell. Returns False when it failed (recorded, not raised)."""
-    from optuna.trial import TrialState
-
-    from klein_sweep.tracking import TrackingError
-    from klein_sweep.training.trial import run_training
-
-    tracker = None
-    transformer = None
-    try:
-        with Heartbeat(study, trial, plan.sweep.heartbeat_seconds):
-            refine = refine_spec(trial)
-            # A refinement's lr lies between the grid's values: its cell is set, not suggested.
-            params = dict(refine.cell) if refine else suggest(trial, plan)
-            settings = apply_params(plan.base_cfg, params, output_dir=str(plan.output_dir / "trials" / f"{trial.number:04d}"))
-            plan_t = refine_trial_plan(settings, plan, refine) if refine else trial_plan(settings, plan)
-            # Saved for a later continuation past the grid (an extension is not continued again).
-            plan_t.save_state = plan.sweep.refine and (refine is None or refine.kind == "bisect")
-            prepared, policy = shared.get(plan_t, settings)
-            transformer = prepared.pipe.transformer
-            tracker = open_child_run(settings, plan, trial, params, parent, refine)
-            if tracker.run_id:
-                trial.set_user_attr(Attr.RUN_ID, tracker.run_id)
-            recorder = TrialRecorder(settings, policy, tracker, n_images=len(plan_t.examples), objective=plan.sweep.objective,
-                                     direction=plan.sweep.direction, report=trial.report,
-                                     continues=continued_record(study, refine))
-            start = time.perf_counter()
-            outcome = run_training(
-                plan_t, prepared, tracker, evaluate=recorder.on_checkpoint, progress=progress, lora_artifact_path="lora/last"
-            )
-            record, value = recorder.finish(outcome, plan_t.steps, model=transformer, seconds=time.perf_counter() - start)
-            for key, v in encode_trial(record).items():
-                trial.set_user_attr(key, v)
-        # MLflow first: a trial counts as done in the study only once its run is complete.
-        tracker.finish("FINISHED")
-        if value is None:
-            study.tell(trial, state=TrialState.PRUNED)
-        else:
-            study.tell(trial, value)
-        log.info("trial %d %s: %s", trial.number, params, record.state)
-        return True
-    except KeyboardInterrupt:
-        _fail(study, trial, tracker, None, interrupted=True)
-        raise
-    except Exception as exc:
-        fault = machine_fault(exc)
-        if fault is not None:
-            # Not the cell's fault: the trial is marked interrupted (its cell runs again on the
-            # next start) and this worker stops rather than fail every remaining cell the same way.
-            _fail(study, trial, None if isinstance(exc, TrackingError) else tracker, None, interrupted=True)
-            raise MachineFault(
-                f"{fault}; trial {trial.number} is marked interrupted: fix this and run the same command again, its cell runs again"
-            ) from exc
-
-        reason = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500]
-        if is_out_of_memory(exc):
-            reason = f"out of memory ({reason}); lower train.rank, data.resolution or train.batch_size, or enable memory savers"
-        # The traceback as text, not exc_info: a log record that keeps the exception keeps every
-        # frame of the failed trial alive (optimizer state, activations: the memory to release).
-        detail = "" if isinstance(exc, KleinSweepError) else "\n" + traceback.format_exc()
-        log.warning("trial %d failed: %s%s", trial.number, redact(reason), redact(detail))
-        _fail(study, trial, tracker, redact(reason))
-        return False
-    finally:
-        if transformer is not None and getattr(transformer, "_hf_peft_config_loaded", False):
-            transformer.unload_lora()
-        release_memory()
-
-
-def _fail(study, trial, tracker, reason: str | None, interrupted: bool = False):
-    from optuna.trial import TrialState
-
-    try:
-        if reason:
-            trial.set_user_attr(Attr.FAILURE, reason)
-        if interrupted:
-            trial.set_user_attr(Attr.INTERRUPTED, True)
-        study.tell(trial, state=TrialState.FAIL)
-    except Exception as exc:
-        if not interrupted:
-            raise
-        # The storage is the fault: the trial stays RUNNING with a silent heartbeat, which the
-        # next start finds (dead process or stale heartbeat) and runs again.
-        log.warning("could not mark trial %d interrupted in the study: %s", trial.number, redact(str(exc).splitlines()[0][:200]))
-    if tracker is not None:
-        from klein_sweep.tracking import TrackingError
-
-        try:
-            tracker.set_tags({"klein.state": "failed", "klein.failure_reason": reason or "interrupted"})
-            tracker.finish("KILLED" if interrupted else "FAILED")
-        except TrackingError as exc:  # the study has the reason; the run stays open in MLflow
-            log.warning("could not mark the MLflow run failed: %s", exc)
-
-
-def suggest(trial, plan: SweepPlan) -> dict:
-    """The trial's params through Optuna's suggest API (a queued grid cell returns its values)."""
-    params = {}
-    for key, spec in plan.sweep.params.items():
-        if plan.steps_are_checkpoints and key == "train.steps":
-            continue
-        if spec.type == "categorical":
-            params[key] = trial.suggest_categorical(key, list(spec.values))
-        elif spec.type == "int":
-            params[key] = trial.suggest_int(key, int(spec.low), int(spec.high), step=int(spec.step or 1), log=spec.log)
-        else:
-            params[key] = trial.suggest_float(key, spec.low, spec.high, step=spec.step, log=spec.log)
-    trial.set_user_attr(Attr.CELL, params)
-    return params
-
-
-def open_child_run(settings: Settings, plan: SweepPlan, trial, params: dict, parent, refine=None):
-    from klein_sweep.tracking import MlflowTracker, NullTracker
-
-    if parent is None:
-        return NullTracker()
-    label = " ".join(f"{k.split('.')[-1]}={v}" for k, v in params.items())
-    tags = {"optuna.trial": trial.number, "optuna.study": plan.sweep.name, **{f"cell.{k}": v for k, v in params.items()}}
-    if refine is not None:  # marked in the runs table: the grid's rows stay the grid's
-        label = f"refine {refine.kind} {label} to step {refine.to_step}"
-        tags.update({"klein.refine": refine.kind, "klein.refine_detail": refine.describe()})
-    return MlflowTracker.start(
-        settings.tracking.uri,
-        plan.sweep.name,
-        run_name=f"trial {trial.number}: {label}",
-        parent_run_id=parent.run_id,
-        tags=tags,
-    )

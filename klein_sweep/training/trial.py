@@ -123,9 +123,7 @@ def run_training(
     """Inject the LoRA, train with checkpoints, save the LoRA and log it to `tracker`.
     `evaluate(event, model) -> (metrics, stop?)` runs at every callback step: the sampled
     checkpoints (event.sampled) and the validation-loss steps between them."""
-    import torch
-
-    from klein_sweep.lora.adapters import inject_lora, lora_weight_norm
+    from klein_sweep.lora.adapters import inject_lora
     from klein_sweep.training.loop import train_lora
 
     s = plan.settings
@@ -135,22 +133,7 @@ def run_training(
     )
     tracker.log_params(trial_params(plan, n_lora_params=sum(p.numel() for p in params)))
     checkpoint_log: list[dict] = []
-
-    sampled = set(plan.checkpoints)
-
-    def on_checkpoint(event, model) -> bool:
-        event.sampled = event.step in sampled
-        norm = event.lora_norm = lora_weight_norm(model)
-        metrics = {"train/loss_window": event.loss, "train/lora_norm": norm}
-        stop = False
-        if evaluate is not None:
-            extra, stop = evaluate(event, model)
-            metrics.update(extra)
-        tracker.log_metrics(metrics, step=event.step)
-        checkpoint_log.append({"step": event.step, **metrics})
-        if not torch.isfinite(torch.tensor(norm)):
-            return True  # weights went non-finite: nothing later can recover
-        return stop
+    on_checkpoint = checkpoint_callback(plan, tracker, evaluate, checkpoint_log)
 
     from klein_sweep.training.resume import STATE_FILE, load_train_state
 
@@ -169,15 +152,127 @@ def run_training(
         resume_from=load_train_state(plan.resume_from) if plan.resume_from else None,
         save_state_to=Path(s.output_dir) / STATE_FILE if plan.save_state else None,
     )
+    return trial_outcome(plan, result, transformer, tracker, lora_artifact_path, checkpoint_log)
+
+
+@dataclass
+class LaneOutcome:
+    """One lane of `run_lane_training`: its trial's outcome, or the error its checkpoint
+    callback raised (that lane left the batch; the others went on)."""
+
+    outcome: TrialOutcome | None
+    error: Exception | None = None
+
+
+@dataclass
+class LaneTraining:
+    lanes: list[LaneOutcome]
+    adapters: object  # training.lanes.LaneAdapters: load(i) puts lane i's LoRA into the model
+    seconds: float  # wall time of the whole batched training, evaluations included
+
+
+def lanes_compatible(plans: list[TrialPlan]) -> bool:
+    """Trials that may share one batched training: the same settings but train.lr and the
+    output folder, the same steps and checkpoints, nothing to resume."""
+    def shared(plan: TrialPlan):
+        settings = {k: v for k, v in flatten(dataclasses.asdict(plan.settings)).items() if k not in ("train.lr", "output_dir")}
+        return repr((settings, plan.steps, plan.callback_steps, plan.checkpoints, plan.save_state))
+
+    return len({shared(p) for p in plans}) == 1 and all(p.resume_from is None for p in plans)
+
+
+def run_lane_training(
+    plans: list[TrialPlan],
+    prepared: PreparedModel,
+    trackers: list,
+    evaluates: list[Callable | None],
+    progress: bool = True,
+    lora_artifact_path: str = "lora",
+) -> LaneTraining:
+    """`run_training` for trials that differ only in learning rate, trained as lanes of one
+    batched forward (training/lanes.py). Each trial keeps its own tracker, evaluation, LoRA files
+    and saved state, as if it had run alone."""
+    from klein_sweep.lora.adapters import inject_lora
+    from klein_sweep.training.lanes import LaneAdapters, LaneSpec, train_lanes
+    from klein_sweep.training.resume import STATE_FILE
+
+    if not lanes_compatible(plans):
+        raise ValueError("lanes: the trials differ in more than train.lr")
+    s = plans[0].settings
+    transformer = prepared.pipe.transformer
+    params = inject_lora(
+        transformer, rank=s.train.rank, alpha=s.train.alpha, preset=s.train.targets, init=s.train.lora_init, seed=s.train.seed
+    )
+    adapters = LaneAdapters(transformer, len(plans))
+    logs: list[list[dict]] = [[] for _ in plans]
+    callbacks = []
+    for plan, tracker, evaluate, log in zip(plans, trackers, evaluates, logs):
+        tracker.log_params(trial_params(plan, n_lora_params=sum(p.numel() for p in params)))
+        callbacks.append(checkpoint_callback(plan, tracker, evaluate, log))
+    errors: list[Exception | None] = [None] * len(plans)
+
+    def on_checkpoint(lane: int, event, model) -> bool:
+        try:
+            return callbacks[lane](event, model)
+        except Exception as exc:  # this trial fails with its reason; its neighbours need not
+            errors[lane] = exc
+            return True
+
+    start = time.perf_counter()
+    results = train_lanes(
+        transformer, adapters,
+        [LaneSpec(lr=p.settings.train.lr, tracker=t, save_state_to=Path(p.settings.output_dir) / STATE_FILE if p.save_state else None)
+         for p, t in zip(plans, trackers)],
+        prepared.data, s.train, steps=plans[0].steps, device=prepared.runtime.device, checkpoints=plans[0].callback_steps,
+        on_checkpoint=on_checkpoint, caption_dropout=s.data.caption_dropout, progress=progress,
+    )
+    seconds = time.perf_counter() - start
+    lanes = []
+    for i, (plan, tracker, result) in enumerate(zip(plans, trackers, results)):
+        if errors[i] is not None:
+            lanes.append(LaneOutcome(None, errors[i]))
+            continue
+        adapters.load(i)
+        lanes.append(LaneOutcome(trial_outcome(plan, result, transformer, tracker, lora_artifact_path, logs[i])))
+    return LaneTraining(lanes=lanes, adapters=adapters, seconds=seconds)
+
+
+def checkpoint_callback(plan: TrialPlan, tracker, evaluate: Callable | None, checkpoint_log: list[dict]) -> Callable:
+    """The training loop's `on_checkpoint(event, model) -> stop?` for one trial: the LoRA's
+    norm, `evaluate` at the callback steps, everything logged to `tracker` and `checkpoint_log`."""
+    import torch
+
+    from klein_sweep.lora.adapters import lora_weight_norm
+
+    sampled = set(plan.checkpoints)
+
+    def on_checkpoint(event, model) -> bool:
+        event.sampled = event.step in sampled
+        norm = event.lora_norm = lora_weight_norm(model)
+        metrics = {"train/loss_window": event.loss, "train/lora_norm": norm}
+        stop = False
+        if evaluate is not None:
+            extra, stop = evaluate(event, model)
+            metrics.update(extra)
+        tracker.log_metrics(metrics, step=event.step)
+        checkpoint_log.append({"step": event.step, **metrics})
+        if not torch.isfinite(torch.tensor(norm)):
+            return True  # weights went non-finite: nothing later can recover
+        return stop
+
+    return on_checkpoint
+
+
+def trial_outcome(plan: TrialPlan, result, transformer, tracker, lora_artifact_path: str, checkpoint_log: list[dict]) -> TrialOutcome:
+    """Save the LoRA the transformer holds (unless the training diverged) and sum the trial up."""
     lora_path = None
     if result.status != "diverged":
-        lora_path = save_lora_files(transformer, Path(s.output_dir) / "lora", tracker, lora_artifact_path)
-    final_loss = result.losses[-1] if result.losses else None
+        lora_path = save_lora_files(transformer, Path(plan.settings.output_dir) / "lora", tracker, lora_artifact_path)
     return TrialOutcome(
         status=result.status,
         steps_done=result.steps_done,
         reason=result.reason,
-        final_loss=final_loss,
+        final_loss=result.losses[-1] if result.losses else None,
         lora_path=lora_path,
         run_description=getattr(tracker, "describe", lambda: None)(),
         checkpoint_log=checkpoint_log,
