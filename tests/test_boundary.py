@@ -96,6 +96,17 @@ def test_bisection_waits_for_the_grid_of_its_group_but_not_of_another_seed():
     assert [s.cell for s in bisects] == [{LR: 2e-4, "train.seed": 0}]
 
 
+def test_bisection_does_not_wait_for_trainings_below_its_bracket():
+    known = [finished(3, 2e-4, None, 2500), finished(4, 4e-4, 2000, 2000)]
+    below = [{LR: 5e-5}, {LR: 1e-4}]  # still training: neither can move the bracket (2e-4, 4e-4] unless it collapses
+    (bisect,) = [s for s in plan_refinement(known, below, set(), POLICY) if s.kind == "bisect"]
+    assert bisect.cell[LR] == pytest.approx(2.83e-4)
+    inside = [{LR: 3e-4}]  # inside the bracket: its result decides which half to bisect
+    assert not [s for s in plan_refinement(known, inside, set(), POLICY) if s.kind == "bisect"]
+    nothing_safe_yet = [finished(4, 4e-4, 2000, 2000)]
+    assert not [s for s in plan_refinement(nothing_safe_yet, below, set(), POLICY) if s.kind == "bisect"]
+
+
 def test_continuations_are_evaluated_after_their_start_only():
     spec = RefineSpec("extend", {LR: 1e-4}, 5000, from_step=2500, from_trial=1)
     assert checkpoint_steps(spec, 500) == [3000, 3500, 4000, 4500, 5000]

@@ -97,14 +97,20 @@ def plan_refinement(finished: list[Finished], pending: list[dict], held: set[str
             spec = RefineSpec("extend", dict(t.cell), policy.budget, from_step=t.last_step, from_trial=t.number)
             if spec.key not in held:
                 new.append(spec)
-    busy_groups = {group_key(c) for c in pending}
+    pending_lrs: dict[str, list] = {}
+    for c in pending:
+        pending_lrs.setdefault(group_key(c), []).append(c.get(LR))
     groups: dict[str, list[Finished]] = {}
     for t in finished:
         if LR in t.cell and (t.refine is None or t.refine.kind == "bisect"):
             groups.setdefault(group_key(t.cell), []).append(t)
     for key, trials in groups.items():
-        if key in busy_groups:
-            continue  # a grid or bisection training of this group is still running: its result may move the bracket
+        lo, hi = bracket(trials, policy.grid_steps)
+        # A grid or bisection training still running inside the bracket will move it: wait for
+        # it. One below it could move it only by collapsing where a higher lr did not; waiting
+        # for those would hold the bisection back until the slowest of the grid's trainings ends.
+        if any(lr is None or lo is None or hi is None or lo < lr < hi for lr in pending_lrs.get(key, [])):
+            continue
         spec = next_bisection(trials, policy)
         if spec is not None and spec.key not in held:
             new.append(spec)
