@@ -55,6 +55,7 @@ class LaneAdapters:
     def batched(self, lanes: Sequence[int]):
         """Inside the block the adapted layers run `lanes` side by side on a (len(lanes) x B, ...)
         batch whose lane blocks are contiguous: rows [i*B, (i+1)*B) belong to lanes[i]."""
+        shadowed = [m.__dict__.get("forward") for m in self.layers]  # a hook's own wrapper, if any
         for i, m in enumerate(self.layers):
             a = [self.params[lane][2 * i] for lane in lanes]
             b = [self.params[lane][2 * i + 1] for lane in lanes]
@@ -62,8 +63,11 @@ class LaneAdapters:
         try:
             yield
         finally:
-            for m in self.layers:
-                del m.forward
+            for m, previous in zip(self.layers, shadowed):
+                if previous is None:
+                    del m.forward
+                else:
+                    m.forward = previous
 
     @torch.no_grad()
     def load(self, lane: int) -> None:
@@ -144,10 +148,11 @@ def train_lanes(
         for step in range(1, steps + 1):
             micro = []
             for _ in range(cfg.grad_accum):
+                # Backward inside the block too: gradient checkpointing re-runs the forward there.
                 with adapters.batched(active):
                     per_lane = lane_losses(transformer, batches.next(), device, len(active))
-                # The sum's gradient in lane l's parameters is lane l's loss's alone.
-                accelerator.backward(per_lane.sum() / cfg.grad_accum)
+                    # The sum's gradient in lane l's parameters is lane l's loss's alone.
+                    accelerator.backward(per_lane.sum() / cfg.grad_accum)
                 micro.append(per_lane.detach())
             if cfg.max_grad_norm > 0:
                 for lane in active:  # each lane clipped by its own norm, as a single LoRA is
