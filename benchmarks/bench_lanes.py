@@ -29,21 +29,20 @@ def main(argv=None) -> int:
     from bench_default_sweep import machine  # beside this script: one way to name the machine
 
     from klein_sweep.config import build_settings, compose_config
-    from klein_sweep.lora.adapters import inject_lora
     from klein_sweep.training.lanes import LaneAdapters, LaneSpec, train_lanes
     from klein_sweep.training.loop import train_lora
-    from klein_sweep.training.trial import prepare_model, resolve_plan
+    from klein_sweep.training.trial import inject_trial_lora, prepare_model, resolve_plan
 
     torch.set_num_threads(args.threads)
     settings = build_settings(compose_config(["tracking=none", f"train.steps={args.steps}"]))
     plan = resolve_plan(settings)
     prepared = prepare_model(plan)
-    transformer, t = prepared.pipe.transformer, settings.train
+    transformer = prepared.pipe.transformer
 
     def fresh_lora():
         if getattr(transformer, "_hf_peft_config_loaded", False):
             transformer.unload_lora()
-        return inject_lora(transformer, rank=t.rank, alpha=t.alpha, preset=t.targets, init=t.lora_init, seed=t.seed)
+        return inject_trial_lora(transformer, settings)
 
     reference, single_s = {}, 0.0
     for lr in LRS:

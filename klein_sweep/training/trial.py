@@ -123,14 +123,11 @@ def run_training(
     """Inject the LoRA, train with checkpoints, save the LoRA and log it to `tracker`.
     `evaluate(event, model) -> (metrics, stop?)` runs at every callback step: the sampled
     checkpoints (event.sampled) and the validation-loss steps between them."""
-    from klein_sweep.lora.adapters import inject_lora
     from klein_sweep.training.loop import train_lora
 
     s = plan.settings
     transformer = prepared.pipe.transformer
-    params = inject_lora(
-        transformer, rank=s.train.rank, alpha=s.train.alpha, preset=s.train.targets, init=s.train.lora_init, seed=s.train.seed
-    )
+    params = inject_trial_lora(transformer, s)
     tracker.log_params(trial_params(plan, n_lora_params=sum(p.numel() for p in params)))
     checkpoint_log: list[dict] = []
     on_checkpoint = checkpoint_callback(plan, tracker, evaluate, checkpoint_log)
@@ -192,7 +189,6 @@ def run_lane_training(
     """`run_training` for trials that differ only in learning rate, trained as lanes of one
     batched forward (training/lanes.py). Each trial keeps its own tracker, evaluation, LoRA files
     and saved state, as if it had run alone."""
-    from klein_sweep.lora.adapters import inject_lora
     from klein_sweep.training.lanes import LaneAdapters, LaneSpec, train_lanes
     from klein_sweep.training.resume import STATE_FILE
 
@@ -200,9 +196,7 @@ def run_lane_training(
         raise ValueError("lanes: the trials differ in more than train.lr")
     s = plans[0].settings
     transformer = prepared.pipe.transformer
-    params = inject_lora(
-        transformer, rank=s.train.rank, alpha=s.train.alpha, preset=s.train.targets, init=s.train.lora_init, seed=s.train.seed
-    )
+    params = inject_trial_lora(transformer, s)
     adapters = LaneAdapters(transformer, len(plans))
     logs: list[list[dict]] = [[] for _ in plans]
     callbacks = []
@@ -235,6 +229,14 @@ def run_lane_training(
         adapters.load(i)
         lanes.append(LaneOutcome(trial_outcome(plan, result, transformer, tracker, lora_artifact_path, logs[i])))
     return LaneTraining(lanes=lanes, adapters=adapters, seconds=seconds)
+
+
+def inject_trial_lora(transformer, settings: Settings) -> list:
+    """The trial's LoRA, as train.* describes it (seeded: every lane of a group starts the same)."""
+    from klein_sweep.lora.adapters import inject_lora
+
+    t = settings.train
+    return inject_lora(transformer, rank=t.rank, alpha=t.alpha, preset=t.targets, init=t.lora_init, seed=t.seed)
 
 
 def checkpoint_callback(plan: TrialPlan, tracker, evaluate: Callable | None, checkpoint_log: list[dict]) -> Callable:
