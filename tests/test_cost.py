@@ -59,3 +59,18 @@ def test_an_unknown_gpu_for_the_preview_is_refused(tmp_path):
     proc = run_cli("+sweep=lr_vs_steps", "sweep.dry_run=true", "sweep.cost_gpu=TPU", cwd=tmp_path)
     assert proc.returncode == 2 and "config key 'sweep.cost_gpu' = 'TPU' is invalid: one of H100" in proc.stderr
     assert not (tmp_path / "sweeps").exists()
+
+
+def test_the_real_model_recipe_screens_one_prompt_with_enough_seeds_for_kid(tmp_path, images_1024):
+    """One trigger prompt: screening with the first seed alone would be one sample, which KID
+    cannot compare; the recipe takes the first two seeds instead of refusing a key the user never set."""
+    from klein_sweep.config import build_settings
+
+    base = ["+sweep=lr_vs_steps", "model=flux2_klein_base_4b", "data=folder", f"data.path={images_1024}",
+            "data.resolution=1024", f"sweep.output_dir={tmp_path}", "eval.seeds=[3,5,7]", "eval.feature_network=random_conv",
+            "eval.identity_network=same"]
+    one = build_settings(compose_plan([*base, "eval.trigger_prompts=['photo of [trigger]']",
+                                       "eval.prior_prompts=['a cat']"]).base_cfg).eval
+    assert one.screening_seeds == [3, 5]
+    many = build_settings(compose_plan(base).base_cfg).eval  # the shipped prompts: the first seed is enough
+    assert many.screening_seeds == [3]

@@ -39,13 +39,21 @@ def resolve_eval_recipe(eval_cfg, model, data):
     filled = {
         "resolution": eval_cfg.resolution or min(r["resolution"], data.resolution),
         "sample_steps": eval_cfg.sample_steps or r["sample_steps"],
-        "screening_seeds": eval_cfg.screening_seeds if eval_cfg.screening_seeds is not None else list(eval_cfg.seeds[: r["screening_seeds"]]),
+        "screening_seeds": eval_cfg.screening_seeds if eval_cfg.screening_seeds is not None else screening_seeds(eval_cfg),
         "screening_sample_steps": eval_cfg.screening_sample_steps or r["screening_sample_steps"],
         **validation,
     }
     if filled["screening_seeds"] == []:  # screening_seeds: [] switches screening off
         filled["screening_seeds"], filled["screening_sample_steps"] = None, None
     return dataclasses.replace(eval_cfg, **filled)
+
+
+def screening_seeds(eval_cfg) -> list:
+    """The recipe's screening seeds: the first one, or as many of the first seeds as give each
+    prompt set the 2 samples KID compares (one trigger prompt: two seeds)."""
+    prompts = min(len(eval_cfg.trigger_prompts), len(eval_cfg.prior_prompts)) or 1
+    n = max(ECONOMY_RECIPE["screening_seeds"], -(-2 // prompts))
+    return list(eval_cfg.seeds[:n])
 
 
 def validation_images(eval_cfg) -> int:
