@@ -43,7 +43,7 @@ def generate(
         neg = negative_embeds.to(device=device, dtype=dtype).unsqueeze(0).expand(n, -1, -1)
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds[start : start + n]]
         # Initial noise drawn on CPU from per-image generators: identical on every device.
-        images = pipe(
+        latents = pipe(
             prompt_embeds=embeds,
             negative_prompt_embeds=neg,
             height=recipe.resolution,
@@ -52,10 +52,19 @@ def generate(
             guidance_scale=recipe.guidance_scale,
             latents=_initial_latents(pipe, generators, recipe.resolution).to(device=device, dtype=dtype),
             attention_kwargs=attention_kwargs,
-            output_type=output,
+            output_type="latent",
         ).images
-        out.append(images.float().cpu())
+        out.append((latents if output == "latent" else decode(pipe, latents)).float().cpu())
     return torch.cat(out) if output == "latent" else torch.cat(out).clamp(0, 1)
+
+
+def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """VAE latents (N, C, h, w) -> images (N, 3, H, W) in [0, 1], decoded in the VAE's own dtype.
+    During training accelerate's mixed-precision wrapper returns the transformer's prediction in
+    float32, so the latents arrive in float32 while a GPU's VAE is bf16: the pipeline's own decode
+    then fails ("Input type (float) and bias type (c10::BFloat16) should be the same")."""
+    images = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
+    return pipe.image_processor.postprocess(images, output_type="pt")
 
 
 def generate_latents(pipe, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor, seeds: list[int],
