@@ -167,6 +167,10 @@ class TrainConfig:
     """Shift s applied to sampled sigma: s*t / (1 + (s-1)*t). >1 favours noisier timesteps."""
     gradient_checkpointing: bool = False
     """Recompute block activations in backward: less memory, ~30% slower."""
+    compile: bool = False
+    """torch.compile the transformer's repeated blocks (each block class compiled once) before
+    training: fuses the elementwise work around the matmuls (LoRA scaling and sums, modulation,
+    casts). The first steps pay the compile time. One LoRA per training only (not lanes)."""
     mixed_precision: str = "auto"
     """auto (bf16 on CUDA, off elsewhere) | no | bf16."""
     device: str = "auto"

@@ -61,6 +61,8 @@ def resolve_lanes(plan: SweepPlan, workers: int) -> int:
     spec = s.params.get("train.lr")
     if s.role != "run" or s.sampler != "grid" or spec is None or spec.type != "categorical" or not _cpu_world(plan):
         return 1
+    if plan.base_cfg.get("train", {}).get("compile"):  # compiled blocks are for one LoRA per training
+        return 1
     return max(1, math.ceil(len(spec.values) / max(1, workers)))
 
 
