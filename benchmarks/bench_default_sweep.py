@@ -31,7 +31,7 @@ def machine() -> str:
 
 def run(folder: Path, extra: list[str]) -> tuple[float, dict]:
     folder.mkdir(parents=True)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "klein_sweep", "+sweep=lr_vs_steps", "tracking=none", *extra],
                           cwd=folder, env=env, capture_output=True, text=True)

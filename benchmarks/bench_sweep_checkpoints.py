@@ -33,7 +33,7 @@ def run(mode: str, scale: int, model: str, workdir: Path) -> dict:
     ]
     if mode == "retrain":
         args.append("train.lr_schedule=cosine")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
     proc = subprocess.run(args, cwd=workdir, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"{mode} sweep failed:\n{proc.stderr[-3000:]}")

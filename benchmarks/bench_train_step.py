@@ -79,7 +79,7 @@ def train_config(args):
     from klein_sweep.config import TrainConfig
 
     return TrainConfig(lr=1e-4, steps=args.steps, rank=args.rank, batch_size=args.batch_size, checkpoint_every=0,
-                       gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer)
+                       gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer, compile=args.compile)
 
 
 def count_step_flops(transformer, data, cfg, device) -> float:
@@ -91,8 +91,13 @@ def count_step_flops(transformer, data, cfg, device) -> float:
     batch = BatchSampler(data, cfg, device).next()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
     counter = FlopCounterMode(display=False)
+    checkpointing = getattr(transformer, "is_gradient_checkpointing", False)  # on after the first resolution's training
+    if checkpointing:
+        transformer.disable_gradient_checkpointing()
     with counter, autocast:
         flow_matching_loss(transformer, batch, device).backward()
+    if checkpointing:
+        transformer.enable_gradient_checkpointing()
     transformer.zero_grad(set_to_none=True)
     return float(counter.get_total_flops())
 
@@ -162,6 +167,10 @@ def main(argv=None) -> int:
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--quantize", choices=["none", "int8", "fp8"], default="none", help="frozen base weights through torchao")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, for MFU")
+    p.add_argument("--compile", action="store_true", help="train.compile: torch.compile the repeated blocks "
+                   "(the warm-up steps pay the compile)")
+    p.add_argument("--profile", action="store_true", help="after the table, 2 steps at the last resolution under "
+                   "torch.profiler: the 20 kernels that take the most GPU time")
     p.add_argument("--flops-only", action="store_true", help="count FLOPs on the meta device (no GPU, no weights) and "
                    "print the step-time floor at --peak-tflops (default 989, an H100)")
     args = p.parse_args(argv)
@@ -185,7 +194,8 @@ def main(argv=None) -> int:
     print(f"model {args.model}: {n_params / 1e9:.2f} B params ({weights_gib:.1f} GiB on device), LoRA rank {args.rank} "
           f"({sum(p.numel() for p in lora) / 1e6:.1f} M params), built in {time.perf_counter() - start:.0f} s on {where}")
     print(f"batch {args.batch_size}, {text_tokens} text tokens, optimizer {args.optimizer}, base weights {args.quantize}, "
-          f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, {args.steps} timed steps after {args.warmup}")
+          f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, blocks {'compiled' if args.compile else 'eager'}, "
+          f"{args.steps} timed steps after {args.warmup}")
     peak = peak_tflops(args, device)
     print("| resolution | image tokens | s/step | peak GiB | GFLOP/step | MFU |")
     print("|---|---|---|---|---|---|")
@@ -196,7 +206,25 @@ def main(argv=None) -> int:
         seconds, peak_gib = measure(transformer, lora, data, cfg, device, args.steps, args.warmup)
         mfu = f"{flops / seconds / (peak * 1e12):.0%}" if peak else "n/a"
         print(f"| {res} | {(res // 16) ** 2} | {seconds:.3f} | {peak_gib:.1f} | {flops / 1e9:,.4g} | {mfu} |", flush=True)
+    if args.profile:
+        profile_steps(transformer, lora, data, cfg, device)
     return 0
+
+
+def profile_steps(transformer, params, data, cfg, device: str, steps: int = 2) -> None:
+    """Where a step's time goes: torch.profiler over `steps` optimizer steps, the top 20 kernels."""
+    import dataclasses
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from klein_sweep.training.loop import train_lora
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        train_lora(transformer, params, data, dataclasses.replace(cfg, steps=steps), steps=steps, device=device, progress=False)
+    sort = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    print(f"profile of {steps} steps, sorted by {sort}:")
+    print(prof.key_averages().table(sort_by=sort, row_limit=20, max_name_column_width=70))
 
 
 if __name__ == "__main__":

@@ -76,9 +76,15 @@ def mlflow_server(postgres, tmp_path_factory):
     server.stop()
 
 
+def repo_pythonpath() -> str:
+    """The checkout first, then whatever PYTHONPATH already holds (packages installed beside the
+    environment, e.g. with pip --target, stay importable in the processes a test starts)."""
+    return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+
+
 def run_cli(*args: str, cwd: Path, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m klein_sweep ARGS` in `cwd`, as a user runs it."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": "0", **(env or {})}
+    env = {**os.environ, "PYTHONPATH": repo_pythonpath(), "HYDRA_FULL_ERROR": "0", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "klein_sweep", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import REPO, repo_pythonpath  # noqa: E402,F401 - one place for the checkout and its path
 
 # Each committed sweep shrunk to two short trials on the tiny model.
 DEBUG_SIZE = {
@@ -31,7 +31,7 @@ def sweep_args(name: str, tmp: Path, *extra: str) -> list[str]:
 
 
 def run_worker(args: list[str], cwd: Path, env: dict | None = None, **popen) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    env = {**os.environ, "PYTHONPATH": repo_pythonpath(), **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "klein_sweep", *args], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 

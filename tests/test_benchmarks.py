@@ -54,3 +54,18 @@ def test_merged_sampling_benchmark_prints_the_ratio():
     out = run_benchmark("bench_merged_sampling.py")
     line = next(line for line in out.splitlines() if line.startswith("speed-up:"))
     assert float(line.split("largest pixel difference:")[1]) < 1e-3  # the same samples, up to rounding
+
+
+def test_the_flop_count_leaves_out_the_checkpoint_recomputation():
+    """Model FLOPs for MFU: the same at a resolution counted before and after gradient
+    checkpointing was switched on by the first training (the H200 run counted the recomputed
+    forward at its second and third resolutions and overstated their MFU)."""
+    out = bench("--model", "tiny", "--steps", "1", "--warmup", "1", "--resolutions", "64", "64", "--gradient-checkpointing")
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| 64 |")]
+    assert len(rows) == 2 and rows[0][5] == rows[1][5]
+
+
+def test_sampling_benchmark_runs_on_cpu():
+    out = run_benchmark("bench_sampling.py", "--model", "tiny", "--resolutions", "32")
+    rows = {line.split("|")[1].strip(): float(line.split("|")[5]) for line in out.splitlines() if line.startswith(("| base", "| distilled"))}
+    assert rows["base"] > rows["distilled"] > 0  # 50 steps with CFG against 4 without

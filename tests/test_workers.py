@@ -13,8 +13,8 @@ import sys
 import time
 
 import pytest
-from conftest import run_cli
-from sweep_helpers import REPO, completed_cells, compose_plan, run_worker, sweep_args
+from conftest import repo_pythonpath, run_cli
+from sweep_helpers import completed_cells, run_worker, sweep_args
 
 
 def study_at(url: str, name: str):
@@ -99,7 +99,7 @@ def test_worker_dead_on_another_machine_is_found_by_heartbeat_and_rerun(tmp_path
     inner = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "klein_sweep", *args, "sweep.role=work"])
     other_machine = subprocess.Popen(
         ["unshare", "--uts", "sh", "-c", f"hostname machine-b && exec {inner}"], cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env={**os.environ, "PYTHONPATH": repo_pythonpath()},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     victim = None
