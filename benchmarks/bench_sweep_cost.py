@@ -4,7 +4,9 @@ checkpoint) against the shipped default for real models (eval.recipe=auto -> eco
 are counted on the real architectures on the meta device: no GPU, no weights, runs anywhere.
 
     python benchmarks/bench_sweep_cost.py
-    python benchmarks/bench_sweep_cost.py --gpu "RTX 4090" --mfu 0.35 --sweeps lr_vs_steps
+    python benchmarks/bench_sweep_cost.py --gpu "RTX 4090" --mfu 0.30 --sample-mfu 0.40 --sweeps lr_vs_steps
+
+Hours at sweep.cost_mfu / sweep.cost_sample_mfu (training / sampling) unless given.
 """
 
 from __future__ import annotations
@@ -43,20 +45,25 @@ def main(argv=None) -> int:
     parser.add_argument("--sweeps", nargs="+", default=SWEEPS)
     parser.add_argument("--sizes", nargs="+", default=["9b", "4b"])
     parser.add_argument("--gpu", default="H100")
-    parser.add_argument("--mfu", type=float, default=0.45)
+    parser.add_argument("--mfu", type=float, default=None, help="training's MFU (default: sweep.cost_mfu)")
+    parser.add_argument("--sample-mfu", type=float, default=None, help="sampling's MFU (default: sweep.cost_sample_mfu)")
     args = parser.parse_args(argv)
+    chosen = [f"sweep.cost_gpu='{args.gpu}'"] + [f"sweep.{k}={v}" for k, v in (("cost_mfu", args.mfu), ("cost_sample_mfu", args.sample_mfu)) if v]
     with tempfile.TemporaryDirectory() as tmp:
         images = Path(tmp) / "imgs"
         images.mkdir()
         for i in range(4):  # the preview checks the data folder like a real run: 1024-px images
             Image.new("RGB", (1024, 1024), (40 * i, 90, 160)).save(images / f"{i}.png")
             (images / f"{i}.txt").write_text("photo of [trigger]")
-        print(f"| sweep | model | recipe | trainings | optimizer steps | checkpoints | train PFLOP | eval PFLOP | eval share | {args.gpu} h at {args.mfu:.0%} MFU |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        header = None
         for sweep in args.sweeps:
             for size in args.sizes:
                 for label, extra in (("model's own (full)", ["eval.recipe=full"]), ("shipped (economy)", [])):
-                    cost = estimate_sweep_cost(plan_for(sweep, size, images, Path(tmp) / "out", extra), args.gpu, args.mfu)
+                    cost = estimate_sweep_cost(plan_for(sweep, size, images, Path(tmp) / "out", [*extra, *chosen]))
+                    if header is None:
+                        header = (f"| sweep | model | recipe | trainings | optimizer steps | checkpoints | train PFLOP | eval PFLOP "
+                                  f"| eval share | {cost.gpu} h (train {cost.mfu:.0%}, sample {cost.sample_mfu:.0%} MFU) |")
+                        print(header + "\n" + "|---" * 10 + "|")
                     print(f"| {sweep} | {size} | {label} | {cost.trainings} | {cost.optimizer_steps:,} | {cost.checkpoints_evaluated} "
                           f"| {cost.train_pflop:,.0f} | {cost.eval_pflop:,.0f} | {cost.eval_share:.0%} | {cost.gpu_hours:.2f} |")
     return 0

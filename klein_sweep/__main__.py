@@ -141,7 +141,7 @@ def run_sweep_command(settings: Settings, resolved: dict) -> None:
     if settings.sweep.dry_run:
         from klein_sweep.cost.preview import estimate_sweep_cost, render_cost, write_cost
 
-        cost = estimate_sweep_cost(plan, settings.sweep.cost_gpu, settings.sweep.cost_mfu)
+        cost = estimate_sweep_cost(plan)
         print(render_cost(cost, plan.study_name))
         print(f"written to {write_cost(cost, plan.output_dir.absolute())}; no study or MLflow run was created")
         return

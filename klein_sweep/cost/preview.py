@@ -45,7 +45,8 @@ class SweepCost:
     train_pflop: float
     eval_pflop: float
     gpu: str
-    mfu: float
+    mfu: float  # training's model FLOP utilisation
+    sample_mfu: float  # sampling's
     refine_max_pflop: float = 0.0  # sweep.refine: the most refinement can add (every lr continued, every bisection run)
     refine_max_steps: int = 0
 
@@ -56,7 +57,8 @@ class SweepCost:
 
     @property
     def gpu_hours(self) -> float:
-        return (self.train_pflop + self.eval_pflop) * 1e15 / (peak_tflops(self.gpu) * 1e12 * self.mfu) / 3600
+        seconds = (self.train_pflop / self.mfu + self.eval_pflop / self.sample_mfu) * 1e15 / (peak_tflops(self.gpu) * 1e12)
+        return seconds / 3600
 
     def to_json(self) -> dict:
         return {**dataclasses.asdict(self), "eval_share": round(self.eval_share, 4), "gpu_hours": round(self.gpu_hours, 4),
@@ -119,8 +121,10 @@ def reference_flops(settings: Settings) -> tuple[float, int]:
     return n * recipe.steps * step_flops, n
 
 
-def estimate_sweep_cost(plan: SweepPlan, gpu: str = "H100", mfu: float = 0.45) -> SweepCost:
-    """Count every trial the plan will run (a search: n_trials at the mean of its corners)."""
+def estimate_sweep_cost(plan: SweepPlan) -> SweepCost:
+    """Count every trial the plan will run (a search: n_trials at the mean of its corners); hours
+    on sweep.cost_gpu at sweep.cost_mfu (training) and sweep.cost_sample_mfu (sampling)."""
+    gpu = plan.sweep.cost_gpu
     peak_tflops(gpu)  # an unknown GPU is refused before anything is counted
     cells = plan.cells or search_corners(plan.sweep)
     weight = 1.0 if plan.cells else (plan.sweep.n_trials or 1) / len(cells)
@@ -151,7 +155,8 @@ def estimate_sweep_cost(plan: SweepPlan, gpu: str = "H100", mfu: float = 0.45) -
     refine_steps, refine_flops = refinement_bound(plan, t_plan, micro) if plan.sweep.refine and settings else (0, 0.0)
     return SweepCost(model=settings.model.name if settings else "", trainings=round(trainings), optimizer_steps=round(steps_total),
                      checkpoints_evaluated=round(checkpoints_total), samples=round(samples_total),
-                     train_pflop=train_flops / 1e15, eval_pflop=eval_flops / 1e15, gpu=gpu, mfu=mfu,
+                     train_pflop=train_flops / 1e15, eval_pflop=eval_flops / 1e15, gpu=gpu, mfu=plan.sweep.cost_mfu,
+                     sample_mfu=plan.sweep.cost_sample_mfu,
                      refine_max_pflop=refine_flops / 1e15, refine_max_steps=refine_steps)
 
 
@@ -183,7 +188,7 @@ def render_cost(cost: SweepCost, name: str) -> str:
         ("train PFLOP", f"{cost.train_pflop:,.1f}"),
         ("eval PFLOP", f"{cost.eval_pflop:,.1f}"),
         ("eval share", f"{cost.eval_share:.0%}"),
-        (f"predicted {cost.gpu} hours at {cost.mfu:.0%} MFU", f"{cost.gpu_hours:,.2f}"),
+        (f"predicted {cost.gpu} hours (training at {cost.mfu:.0%} MFU, sampling at {cost.sample_mfu:.0%})", f"{cost.gpu_hours:,.2f}"),
     ]
     if cost.refine_max_steps:
         total = cost.train_pflop + cost.eval_pflop

@@ -73,8 +73,8 @@ def log_cost_prediction(parent, plan: SweepPlan) -> None:
     from klein_sweep.cost.preview import estimate_sweep_cost, write_cost
 
     s = plan.sweep
-    cost = estimate_sweep_cost(plan, s.cost_gpu, s.cost_mfu)
+    cost = estimate_sweep_cost(plan)
     write_cost(cost, plan.output_dir)
     parent.log_metrics({"cost/predicted_train_pflop": cost.train_pflop, "cost/predicted_eval_pflop": cost.eval_pflop,
                         "cost/predicted_eval_share": cost.eval_share, "cost/predicted_gpu_hours": cost.gpu_hours}, step=0)
-    parent.log_params({"sweep.cost_gpu": s.cost_gpu, "sweep.cost_mfu": s.cost_mfu})
+    parent.log_params({"sweep.cost_gpu": s.cost_gpu, "sweep.cost_mfu": s.cost_mfu, "sweep.cost_sample_mfu": s.cost_sample_mfu})
