@@ -69,6 +69,12 @@ class SharedModel:
             self.key = key
         return self.prepared, self.policy
 
+    def release(self) -> None:
+        """Drop the pipeline and everything built on it. A frame of the sweep can outlive the
+        sweep (a library imported for the first time inside it may keep the importing frames),
+        and with it this object: emptied, it holds no GPU memory."""
+        self.key = self.prepared = self.policy = None
+
 
 def run_sweep(plan: SweepPlan, progress: bool = True, report: bool = True) -> SweepSummary:
     """`report=False`: a worker process of a parallel sweep, whose parent process writes the
@@ -100,6 +106,8 @@ def run_sweep(plan: SweepPlan, progress: bool = True, report: bool = True) -> Sw
         if not isinstance(exc.__cause__, TrackingError) and report:  # a lost tracking store cannot be told either
             close_parent_run(study, parent, "KILLED")
         raise
+    finally:
+        shared.release()
     if report:
         summary.report_dir = finish_sweep(study, plan, parent)
     elif parent is not None:
