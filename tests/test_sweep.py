@@ -219,3 +219,15 @@ def test_the_model_is_released_when_an_in_process_sweep_returns(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ran [0] models alive 0 of 1" in proc.stdout, proc.stdout[-2000:]
+
+
+def test_a_sweep_in_a_gpus_dtypes_trains_and_evaluates_on_the_cpu(tmp_path):
+    """bf16 weights under bf16 autocast, as on a GPU: accelerate hands the evaluation float32
+    predictions while the VAE is bf16 (the first checkpoint failed in the VAE on an H200 before
+    the sampler decoded in the VAE's dtype). The CPU runs the same dtype path."""
+    proc = run_cli(*sweep_args("lr_vs_steps", tmp_path, "sweep.refine=false", "sweep.lanes=1", "sweep.workers=1",
+                               "model.dtype=bfloat16", "train.mixed_precision=bf16", "tracking=none"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ran 2 trials, 0 failed" in proc.stdout
+    study = load_study(tmp_path / "sweeps" / "lr_vs_steps")
+    assert all(t.user_attrs["checkpoints"] for t in study.trials)  # every checkpoint was evaluated
