@@ -69,3 +69,15 @@ def test_real_widths_end_to_end(real_width_model, tmp_path):
     pipe = Flux2KleinPipeline.from_pretrained(folder)
     load_checked_lora(pipe, loras[0], f"flux2_klein_base_{size}")
     assert any("lora_A" in n for n, _ in pipe.transformer.named_parameters())
+
+
+@pytest.mark.slow
+def test_the_real_size_gpu_sweep_runs_on_the_cpu_in_the_gpus_dtypes(tmp_path):
+    """The gpu test's sweep (tests/test_gpu.py) at real widths and 1 + 1 blocks, on the CPU with
+    bf16 weights under bf16 autocast as on a GPU: evaluation, MLflow and the diffusers reload of
+    the LoRA in those dtypes (192 s on 2 cores)."""
+    from test_gpu import run_real_size_sweep
+
+    run_real_size_sweep(tmp_path, "4b", resolution=128, steps=2, device="cpu", double=1, single=1, text_layers=2,
+                        extra=["model.text_encoder_layers=[0,1,2]", "model.sample_steps=2", "eval.sample_steps=2",
+                               "eval.screening_sample_steps=1", "model.dtype=bfloat16", "train.mixed_precision=bf16"])
