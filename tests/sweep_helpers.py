@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO, repo_pythonpath  # noqa: E402,F401 - one place for the checkout and its path
+from conftest import repo_pythonpath
 
 # Each committed sweep shrunk to two short trials on the tiny model.
 DEBUG_SIZE = {

@@ -122,6 +122,7 @@ def test_auto_lanes_share_the_grids_lrs_among_the_workers_on_a_cpu(tmp_path):
     assert resolve_lanes(plan(), workers=2) == 3  # the shipped sweep: 5 lrs over 2 workers, 3 + 2
     assert resolve_lanes(plan(), workers=1) == 5
     assert resolve_lanes(plan("sweep.lanes=1"), workers=2) == 1
+    assert resolve_lanes(plan("train.compile=true"), workers=2) == 1  # compiled blocks: one LoRA per training
     assert resolve_lanes(plan("sweep.role=work"), workers=1) == 1  # it cannot know its fellow workers
     assert resolve_lanes(plan("model=flux2_klein_base_4b", "eval.enabled=false"), workers=1) == 1  # a real model: one LoRA per training
 

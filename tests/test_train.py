@@ -57,14 +57,22 @@ def test_same_seed_same_run(tiny_data):
 
 
 @pytest.mark.slow  # ~40 s of compiling on 2 cores
-def test_compiled_blocks_train_as_the_eager_model_does(tiny_data):
-    """train.compile: the same losses and LoRA weights as eager, up to float rounding."""
+def test_compiled_blocks_train_as_the_eager_model_does(tiny_data, monkeypatch):
+    """train.compile: the same losses and LoRA weights as eager, up to float rounding; the blocks
+    are compiled once per model."""
+    from diffusers import ModelMixin
+
+    from klein_sweep.training.loop import compile_blocks
+
+    compiles, real = [], ModelMixin.compile_repeated_blocks
+    monkeypatch.setattr(ModelMixin, "compile_repeated_blocks", lambda self, *a, **k: (compiles.append(self), real(self, *a, **k)))
     runs = []
     for compiled in (False, True):
         pipe, data, cfg, params = setup(tiny_data, compile=compiled)
         losses = train_lora(pipe.transformer, params, data, cfg, steps=4, device="cpu", progress=False).losses
         runs.append((losses, [p.detach().clone() for p in params]))
-    assert getattr(pipe.transformer, "_klein_compiled", False)
+    compile_blocks(pipe.transformer)  # a later training on the same model reuses the compiled blocks
+    assert compiles == [pipe.transformer]
     torch.testing.assert_close(runs[1][0], runs[0][0], rtol=1e-4, atol=1e-6)
     for compiled_p, eager_p in zip(runs[1][1], runs[0][1]):
         torch.testing.assert_close(compiled_p, eager_p, rtol=1e-3, atol=1e-5)
