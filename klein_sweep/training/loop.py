@@ -248,4 +248,12 @@ def _build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torc
         except ImportError as exc:
             raise RuntimeError("train.optimizer=adamw8bit needs bitsandbytes: pip install 'klein_sweep[bnb]'") from exc
         return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
+    # fused: one kernel per parameter instead of ~10 ops each; on the CPU torch defaults to the
+    # per-op loop, 1.0 ms of a ~30 ms mini step against 0.22 ms fused (one thread, 2 cores AVX-512).
+    return torch.optim.AdamW(params, fused=_fusable(params), **kwargs)
+
+
+def _fusable(params) -> bool:
+    """torch's fused AdamW takes floating-point tensors on the CPU or CUDA."""
+    tensors = [p for g in params for p in g["params"]] if params and isinstance(params[0], dict) else list(params)
+    return bool(tensors) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in tensors)
