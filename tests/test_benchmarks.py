@@ -1,6 +1,6 @@
 """The benchmarks keep running: the training-step benchmark on the tiny model (CPU), its FLOP
 count on the real 9B/4B architecture (meta device, no weights), lanes against one LoRA per
-training, and merged sampling (mini model)."""
+training, merged sampling and the arithmetic floor (mini model)."""
 
 from __future__ import annotations
 
@@ -69,3 +69,40 @@ def test_sampling_benchmark_runs_on_cpu():
     out = run_benchmark("bench_sampling.py", "--model", "tiny", "--resolutions", "32")
     rows = {line.split("|")[1].strip(): float(line.split("|")[5]) for line in out.splitlines() if line.startswith(("| base", "| distilled"))}
     assert rows["base"] > rows["distilled"] > 0  # 50 steps with CFG against 4 without
+
+
+def test_the_floor_counts_the_committed_sweeps_work_from_its_study():
+    """The arithmetic floor multiplies per-unit times by the sweep's work: every training's
+    optimizer steps (from its start, or the grid step a continuation resumes at, to where it
+    stopped), its sampled checkpoints and its validation points between them."""
+    import json
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_arithmetic_floor import sweep_work
+
+    work = sweep_work(REPO / "sweeps" / "lr_vs_steps" / "study.db", "lr_vs_steps")
+    report = json.loads((REPO / "sweeps" / "lr_vs_steps" / "report.json").read_text())
+    # Each lr's training ends at its collapse, or at the refinement budget (5000) if it never collapses;
+    # the bisected lrs train from step 0 like the grid's.
+    ends = [t["collapse_step"] or 5000 for t in report["boundary"]["trainings"]]
+    assert work["steps"] == sum(ends)
+    assert work["evaluations"] == sum(e // 500 for e in ends)  # a sampled checkpoint every 500 steps
+    assert work["validation"] == work["evaluations"]  # one validation point halfway between checkpoints
+
+
+@pytest.mark.slow
+def test_floor_benchmark_prints_the_sweeps_floor_from_its_measured_units():
+    import re
+
+    out = run_benchmark("bench_arithmetic_floor.py", "--steps", "4")
+    arithmetic = {}
+    for line in out.splitlines():
+        if line.startswith("| ") and " ms |" in line:
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            arithmetic[cells[0]] = float(cells[2].removesuffix(" ms")) / 1000
+    work = re.search(r"(\d+) optimizer steps, (\d+) sampled checkpoints, (\d+) validation points", out)
+    steps, evaluations, validation = map(int, work.groups())
+    expected = (steps * arithmetic["training step, lanes of 3 (per lane)"] + evaluations * arithmetic["checkpoint evaluation (48 samples)"]
+                + validation * arithmetic["validation point"])
+    floor = float(re.search(r"its arithmetic alone: (\d+) worker-seconds", out).group(1))
+    assert abs(floor - expected) <= 0.01 * expected + 1, out

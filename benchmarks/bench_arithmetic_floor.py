@@ -1,0 +1,179 @@
+"""The embedded default sweep's arithmetic floor on this machine, measured in one run: how much of
+a training step, a checkpoint's evaluation and a validation point on the mini model is matrix
+products and attention (the FLOPs the sweep cannot skip), how much is everything else
+(element-wise kernels, copies, per-op overhead), and the wall time a sweep would take if
+everything else cost nothing.
+
+    python benchmarks/bench_arithmetic_floor.py                     # applied to the committed default sweep
+    python benchmarks/bench_arithmetic_floor.py --study PATH/study.db --wall 540   # to your own run
+    python benchmarks/bench_arithmetic_floor.py --steps 20          # shorter
+
+Single-threaded, as the sweep's CPU workers run. Arithmetic time is the profiler's self CPU time
+of the matrix-product, attention and convolution kernels (ARITHMETIC below); the step, evaluation
+and validation times are taken without the profiler. The sweep's work comes from its study: the
+optimizer steps each training ran (a lane counts as one training), its sampled checkpoints and
+its validation points. Run it on the machine you want to judge: the floor moves with its matrix
+speed, which this prints as GFLOP/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+LRS = [5e-5, 1e-4, 1.5e-4]  # a lane group of the default sweep's 2 workers (3 + 2 lrs)
+# Kernels that do the model's arithmetic (their self time; their callers' time is not counted twice).
+ARITHMETIC = {
+    "aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm",
+    "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+    "aten::mkldnn_convolution", "aten::convolution_backward", "aten::_slow_conv2d_forward",
+}
+
+
+@dataclasses.dataclass
+class Split:
+    wall_s: float  # one unit (step, evaluation, validation point), timed without the profiler
+    arithmetic_s: float  # of it, in ARITHMETIC kernels (profiled)
+    gflop: float  # counted FLOPs of one unit
+
+    @property
+    def share(self) -> float:
+        return self.arithmetic_s / self.wall_s
+
+
+def arithmetic_seconds(fn, units: int) -> float:
+    """Self CPU seconds of ARITHMETIC kernels per unit, profiling `fn` (which runs `units` units)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in ARITHMETIC) / 1e6 / units
+
+
+def counted_gflop(fn) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def sweep_work(study_path: Path, name: str) -> dict:
+    """Trainings' optimizer steps, sampled checkpoints and validation points of a finished sweep."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{study_path}")
+    steps = evaluations = validation = 0
+    measured = 0.0
+    for t in study.trials:
+        marks = [c["step"] for c in t.user_attrs.get("checkpoints") or []]
+        if not marks:
+            continue
+        start = (t.user_attrs.get("refine") or {}).get("from_step") or 0
+        steps += max(marks) - start  # a training stops at its collapse or its last checkpoint
+        evaluations += len(marks)
+        validation += sum(1 for v in t.user_attrs.get("validation") or [] if not v.get("sampled"))
+        measured += t.user_attrs.get("train_seconds", 0.0) + t.user_attrs.get("eval_seconds", 0.0)
+    return {"steps": steps, "evaluations": evaluations, "validation": validation, "worker_s": measured}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=60, help="optimizer steps timed per training path")
+    parser.add_argument("--study", type=Path, default=REPO / "sweeps" / "lr_vs_steps" / "study.db")
+    parser.add_argument("--name", default="lr_vs_steps", help="the study's name")
+    parser.add_argument("--wall", type=float, default=540.0,
+                        help="the sweep's measured wall seconds (default: the README's run of the default sweep)")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes the sweep ran (2 on 2 cores)")
+    args = parser.parse_args(argv)
+
+    import torch
+    from bench_default_sweep import machine  # beside this script: one way to name the machine
+
+    from klein_sweep.config import build_settings, compose_config
+    from klein_sweep.evaluation.evaluator import CheckpointEvaluator, eval_prompts
+    from klein_sweep.evaluation.validation import ValidationLosses
+    from klein_sweep.training.lanes import LaneAdapters, LaneSpec, train_lanes
+    from klein_sweep.training.loop import flow_matching_loss, train_lora, BatchSampler
+    from klein_sweep.training.trial import inject_trial_lora, prepare_model, resolve_plan
+
+    torch.set_num_threads(1)
+    settings = build_settings(compose_config(["+sweep=lr_vs_steps", "tracking=none"]))
+    plan = resolve_plan(settings)
+    trigger, prior = eval_prompts(settings)
+    prepared = prepare_model(plan, extra_prompts=trigger + prior)
+    pipe, data, train_cfg = prepared.pipe, prepared.data, settings.train
+    evaluator = CheckpointEvaluator(settings, pipe, data, plan.examples)
+    evaluator.compute_base()
+    validation = ValidationLosses(settings, pipe, data)
+    transformer = pipe.transformer
+    params = inject_trial_lora(transformer, settings)
+    with torch.no_grad():  # a trained-looking LoRA: B is zero at initialisation
+        g = torch.Generator().manual_seed(0)
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+    def single(n):
+        return lambda: train_lora(transformer, params, data, train_cfg, steps=n, device="cpu", progress=False)
+
+    adapters = LaneAdapters(transformer, len(LRS))
+
+    def lanes(n):
+        return lambda: train_lanes(transformer, adapters, [LaneSpec(lr) for lr in LRS], data, train_cfg,
+                                   steps=n, device="cpu", progress=False)
+
+    def one_step_flops():
+        loss = flow_matching_loss(transformer, BatchSampler(data, train_cfg, "cpu").next(), "cpu")
+        loss.backward()
+        transformer.zero_grad(set_to_none=True)
+
+    profiled = max(5, args.steps // 4)
+    single(3)()  # warm-up
+    step_gflop = counted_gflop(one_step_flops)
+    splits = {
+        "training step, one LoRA": Split(timed(single(args.steps)) / args.steps,
+                                         arithmetic_seconds(single(profiled), profiled), step_gflop),
+        f"training step, lanes of {len(LRS)} (per lane)": Split(timed(lanes(args.steps)) / args.steps / len(LRS),
+                                                  arithmetic_seconds(lanes(profiled), profiled * len(LRS)), step_gflop),
+    }
+    evaluator.evaluate()  # warm-up
+    splits["checkpoint evaluation (48 samples)"] = Split(timed(evaluator.evaluate), arithmetic_seconds(evaluator.evaluate, 1),
+                                                        counted_gflop(evaluator.evaluate))
+    splits["validation point"] = Split(timed(lambda: validation.measure(transformer)),
+                                       arithmetic_seconds(lambda: validation.measure(transformer), 1),
+                                       counted_gflop(lambda: validation.measure(transformer)))
+
+    print(f"machine: {machine()}, 1 thread; mini model, torch {torch.__version__}")
+    print("| unit | wall | arithmetic | share | GFLOP | arithmetic GFLOP/s |")
+    print("|---|---|---|---|---|---|")
+    for name, s in splits.items():
+        print(f"| {name} | {s.wall_s * 1000:.1f} ms | {s.arithmetic_s * 1000:.1f} ms | {s.share:.0%} | {s.gflop:.2f} | "
+              f"{s.gflop / s.arithmetic_s:.0f} |")
+
+    work = sweep_work(args.study, args.name)
+    lane = splits[f"training step, lanes of {len(LRS)} (per lane)"]
+    ev, val = splits["checkpoint evaluation (48 samples)"], splits["validation point"]
+    floor = work["steps"] * lane.arithmetic_s + work["evaluations"] * ev.arithmetic_s + work["validation"] * val.arithmetic_s
+    at_speed = work["steps"] * lane.wall_s + work["evaluations"] * ev.wall_s + work["validation"] * val.wall_s
+    print(f"\nthe sweep in {args.study.relative_to(REPO) if args.study.is_relative_to(REPO) else args.study}: "
+          f"{work['steps']} optimizer steps, {work['evaluations']} sampled checkpoints, {work['validation']} validation points; "
+          f"{work['worker_s']:.0f} worker-seconds measured there")
+    print(f"at this machine's measured speed (every step as a lane): {at_speed:.0f} worker-seconds")
+    print(f"its arithmetic alone: {floor:.0f} worker-seconds = {floor / args.workers:.0f} s of wall time on {args.workers} workers "
+          f"(the sweep took {args.wall:.0f} s: {args.wall / (floor / args.workers):.2f}x its arithmetic floor)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
