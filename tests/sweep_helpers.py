@@ -65,3 +65,24 @@ def compose_plan(overrides: list[str]):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
     return plan_sweep(build_settings(cfg), cfg)
+
+
+def tiny_world(tmp_path: Path, *extra: str):
+    """(settings, pipe, encoded data) of the tiny model with the lr_vs_steps evaluation on two
+    prior prompts, caches under tmp_path: what a worker holds before its first trial."""
+    from klein_sweep.config import build_settings
+    from klein_sweep.data.encoding import EncodingCache, EncodingKey, encode_data
+    from klein_sweep.data.folder import load_examples
+    from klein_sweep.evaluation.evaluator import eval_prompts
+    from klein_sweep.models.tiny import TINY_MAX_SEQUENCE_LENGTH, TINY_TEXT_LAYERS, build_tiny_pipeline
+
+    plan = compose_plan(["+sweep=lr_vs_steps", "sweep.refine=false", *COMMON, "eval.prior_prompts=['photo of a creature','a creature on a sky background']",
+                         f"sweep.output_dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}", *extra])
+    settings = build_settings(plan.base_cfg)
+    pipe = build_tiny_pipeline(settings.model.seed)
+    for m in (pipe.transformer, pipe.vae, pipe.text_encoder):
+        m.requires_grad_(False)
+    key = EncodingKey("tiny", settings.data.resolution, tuple(TINY_TEXT_LAYERS), TINY_MAX_SEQUENCE_LENGTH)
+    trigger, prior = eval_prompts(settings)
+    data = encode_data(pipe, load_examples(settings.data), key, EncodingCache(None), extra_prompts=trigger + prior)
+    return settings, pipe, data

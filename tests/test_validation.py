@@ -7,34 +7,16 @@ from __future__ import annotations
 import json
 
 import torch
-from sweep_helpers import COMMON, compose_plan
+from sweep_helpers import COMMON, compose_plan, tiny_world
 
-from klein_sweep.config import build_settings
-from klein_sweep.data.encoding import EncodingCache, EncodingKey, encode_data
-from klein_sweep.data.folder import load_examples
-from klein_sweep.evaluation.evaluator import eval_prompts
 from klein_sweep.evaluation.validation import ValidationLosses, prior_moved
 from klein_sweep.lora.adapters import inject_lora
-from klein_sweep.models.tiny import TINY_MAX_SEQUENCE_LENGTH, TINY_TEXT_LAYERS, build_tiny_pipeline
 from klein_sweep.record import ValidationPoint
 from klein_sweep.training.loop import train_lora
 
 
-def tiny_world(tmp_path, *extra):
-    plan = compose_plan(["+sweep=lr_vs_steps", "sweep.refine=false", *COMMON, "eval.prior_prompts=['photo of a creature','a creature on a sky background']",
-                         f"sweep.output_dir={tmp_path}", *extra])
-    settings = build_settings(plan.base_cfg)
-    pipe = build_tiny_pipeline(0)
-    for m in (pipe.transformer, pipe.vae, pipe.text_encoder):
-        m.requires_grad_(False)
-    key = EncodingKey("tiny", settings.data.resolution, tuple(TINY_TEXT_LAYERS), TINY_MAX_SEQUENCE_LENGTH)
-    trigger, prior = eval_prompts(settings)
-    data = encode_data(pipe, load_examples(settings.data), key, EncodingCache(None), extra_prompts=trigger + prior)
-    return settings, pipe, data
-
-
 def test_validation_inputs_are_fixed_and_forgetting_is_zero_before_training(tmp_path):
-    settings, pipe, data = tiny_world(tmp_path)
+    settings, pipe, data = tiny_world(tmp_path, "data.use_cache=false")  # both draw their samples
     first = ValidationLosses(settings, pipe, data)
     again = ValidationLosses(settings, pipe, data)  # another trial's (or worker's) validation set
     for a, b in ((first.fit, again.fit), (first.prior, again.prior)):

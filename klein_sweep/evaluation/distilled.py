@@ -60,8 +60,9 @@ class DistilledEvaluator:
         self.pipe = load_pipeline(self.model, runtime)
         release_text_encoder(self.pipe)  # prompts come from the shared cache
         release_vae_encoder(self.pipe)
-        recipe_settings = dataclasses.replace(
-            settings, eval=dataclasses.replace(settings.eval, sample_steps=DISTILLED_STEPS, guidance_scale=DISTILLED_GUIDANCE)
+        recipe_settings = dataclasses.replace(  # the distilled model's own settings: its samples' cache key
+            settings, model=self.model,
+            eval=dataclasses.replace(settings.eval, sample_steps=DISTILLED_STEPS, guidance_scale=DISTILLED_GUIDANCE),
         )
         self.evaluator = CheckpointEvaluator(recipe_settings, self.pipe, encoded, examples)
         if self.offload:

@@ -2,7 +2,7 @@
 reference (training) images and with the base model's samples, return the metric row.
 
 The base model's samples are computed once (before any LoRA exists) and shared by every trial
-of a sweep that uses the same model, data and eval settings.
+of a sweep that uses the same model, data and eval settings; later runs read them from disk.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 
 from klein_sweep.config import Settings
 from klein_sweep.evaluation import metrics as M
+from klein_sweep.evaluation.base_samples import BaseSampleCache
 from klein_sweep.evaluation.networks import build_feature_network, resolve_networks
 from klein_sweep.evaluation.sampling import SampleRecipe, generate, labelled_grid
 from klein_sweep.record import BaseStats
@@ -90,17 +91,19 @@ class CheckpointEvaluator:
         embeds = torch.stack([encoded.extra_prompt_embeds[p] for p in prompts for _ in seeds])
         return PromptSet(embeds=embeds, seeds=[s for _ in prompts for s in seeds])
 
-    def _sample(self, prompt_set: PromptSet) -> torch.Tensor:
-        return generate(self.pipe, prompt_set.embeds, self.negative, prompt_set.seeds, self.recipe)
+    def _sample(self, prompt_set: PromptSet, cache: BaseSampleCache | None = None) -> torch.Tensor:
+        return generate(self.pipe, prompt_set.embeds, self.negative, prompt_set.seeds, self.recipe, cache=cache)
 
     def compute_base(self) -> BaseReference:
-        """Sample the base model. Call before a LoRA is injected (or with adapters disabled)."""
-        trig, prior = self._sample(self.trigger), self._sample(self.prior)
+        """Sample the base model (or read its samples from the disk cache of earlier runs). Call
+        before a LoRA is injected."""
+        cache = BaseSampleCache.for_settings(self.settings)
+        trig, prior = self._sample(self.trigger, cache), self._sample(self.prior, cache)
         e = self.settings.eval
         sanity = M.image_sanity(torch.cat([trig, prior]), e.flat_std, e.noise_level)
         # The same prompts with other seeds: how far KID moves when nothing but the noise changes.
         other_seeds = PromptSet(self.prior.embeds, [s + 1000 for s in self.prior.seeds])
-        noise_mean, noise_std = M.kid(self.net, prior, self._sample(other_seeds), e.kid_subset_size)
+        noise_mean, noise_std = M.kid(self.net, prior, self._sample(other_seeds, cache), e.kid_subset_size)
         self.base = BaseReference(
             trigger_images=trig,
             prior_images=prior,

@@ -28,34 +28,51 @@ def generate(
     lora_scale: float | None = None,
     progress: bool = False,
     output: str = "pt",
+    cache: "BaseSampleCache | None" = None,  # noqa: F821
 ) -> torch.Tensor:
     """Images (N, 3, R, R) in [0, 1] on CPU, image i from prompt_embeds[i] (L, D) and seeds[i].
     Each image has its own generator, so a sample does not depend on its batch neighbours.
-    `output="latent"`: the VAE latents (N, C, R/f, R/f) instead, not decoded."""
+    `output="latent"`: the VAE latents (N, C, R/f, R/f) instead, not decoded. `cache`: the base
+    model's samples kept on disk (only for a transformer without a LoRA: the key cannot see one)."""
     device = pipe.transformer.device
-    dtype = pipe.transformer.dtype
+    key = cache.key(pipe, prompt_embeds, negative_embeds, seeds, recipe) if cache is not None else None
+    stored = cache.get(key) if key is not None else None
     pipe.set_progress_bar_config(disable=not progress)
     attention_kwargs = {"scale": lora_scale} if lora_scale is not None else None
-    out = []
+    out, denoised = [], []
     for start in range(0, len(seeds), recipe.batch_size):
-        embeds = prompt_embeds[start : start + recipe.batch_size].to(device=device, dtype=dtype)
-        n = embeds.shape[0]
-        neg = negative_embeds.to(device=device, dtype=dtype).unsqueeze(0).expand(n, -1, -1)
-        generators = [torch.Generator().manual_seed(int(s)) for s in seeds[start : start + n]]
-        # Initial noise drawn on CPU from per-image generators: identical on every device.
-        latents = pipe(
-            prompt_embeds=embeds,
-            negative_prompt_embeds=neg,
-            height=recipe.resolution,
-            width=recipe.resolution,
-            num_inference_steps=recipe.steps,
-            guidance_scale=recipe.guidance_scale,
-            latents=_initial_latents(pipe, generators, recipe.resolution).to(device=device, dtype=dtype),
-            attention_kwargs=attention_kwargs,
-            output_type="latent",
-        ).images
+        if stored is not None:
+            latents = stored[start : start + recipe.batch_size].to(device)
+        else:
+            latents = _denoise(pipe, prompt_embeds[start : start + recipe.batch_size], negative_embeds,
+                               seeds[start : start + recipe.batch_size], recipe, attention_kwargs)
+            denoised.append(latents.cpu())
         out.append((latents if output == "latent" else decode(pipe, latents)).float().cpu())
+    if key is not None and stored is None:
+        cache.put(key, torch.cat(denoised))
     return torch.cat(out) if output == "latent" else torch.cat(out).clamp(0, 1)
+
+
+def _denoise(pipe, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor, seeds: list[int], recipe: SampleRecipe,
+             attention_kwargs: dict | None) -> torch.Tensor:
+    """One batch through the pipeline: latents (n, C, R/f, R/f) in the transformer's dtype."""
+    device, dtype = pipe.transformer.device, pipe.transformer.dtype
+    embeds = prompt_embeds.to(device=device, dtype=dtype)
+    n = embeds.shape[0]
+    neg = negative_embeds.to(device=device, dtype=dtype).unsqueeze(0).expand(n, -1, -1)
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    # Initial noise drawn on CPU from per-image generators: identical on every device.
+    return pipe(
+        prompt_embeds=embeds,
+        negative_prompt_embeds=neg,
+        height=recipe.resolution,
+        width=recipe.resolution,
+        num_inference_steps=recipe.steps,
+        guidance_scale=recipe.guidance_scale,
+        latents=_initial_latents(pipe, generators, recipe.resolution).to(device=device, dtype=dtype),
+        attention_kwargs=attention_kwargs,
+        output_type="latent",
+    ).images
 
 
 def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
@@ -68,12 +85,12 @@ def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
 
 
 def generate_latents(pipe, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor, seeds: list[int],
-                     recipe: SampleRecipe) -> torch.Tensor:
+                     recipe: SampleRecipe, cache: "BaseSampleCache | None" = None) -> torch.Tensor:  # noqa: F821
     """The samples of `generate` as training latents (N, 4C, R/2f, R/2f): what the model's
     own images look like to its flow-matching loss, without a VAE round trip."""
     from klein_sweep.data.encoding import normalise_latents
 
-    return normalise_latents(pipe, generate(pipe, prompt_embeds, negative_embeds, seeds, recipe, output="latent"))
+    return normalise_latents(pipe, generate(pipe, prompt_embeds, negative_embeds, seeds, recipe, output="latent", cache=cache))
 
 
 def _initial_latents(pipe, generators, resolution: int) -> torch.Tensor:

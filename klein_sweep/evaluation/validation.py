@@ -55,6 +55,7 @@ class ValidationLosses:
 
     def __init__(self, settings: Settings, pipe, encoded):
         from klein_sweep.config.recipes import validation_images
+        from klein_sweep.evaluation.base_samples import BaseSampleCache
         from klein_sweep.evaluation.evaluator import eval_prompts, sample_recipe
         from klein_sweep.evaluation.sampling import generate_latents
 
@@ -67,7 +68,8 @@ class ValidationLosses:
         # Seed-major: every prompt once before any prompt twice, then the first k.
         pairs = [(p, int(s)) for s in e.seeds for p in prior][:k]
         embeds = torch.stack([encoded.extra_prompt_embeds[p] for p, _ in pairs])
-        prior_latents = generate_latents(pipe, embeds, encoded.empty_prompt_embeds, [s for _, s in pairs], sample_recipe(settings))
+        prior_latents = generate_latents(pipe, embeds, encoded.empty_prompt_embeds, [s for _, s in pairs], sample_recipe(settings),
+                                         cache=BaseSampleCache.for_settings(settings))
         self.prior = FixedBatch.build(prior_latents, embeds, e.validation_sigmas, gen)
         self.base_prior_loss = self._loss(pipe.transformer, self.prior)
 

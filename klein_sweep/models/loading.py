@@ -65,6 +65,23 @@ def model_cache_id(model: ModelConfig) -> str:
     return f"{model_source(model)}@{model.revision or 'main'}"
 
 
+def transformer_id(model: ModelConfig) -> str:
+    """What identifies the transformer's weights and the model's settings, for caches of what the
+    base model draws (the encoding cache's key leaves the transformer out: it does not encode)."""
+    digest = hashlib.sha256(repr(model).encode())  # dtype, quantisation, recipe, path, revision, ...
+    if model.kind == "mini":
+        folder = MINI_DISTILLED_DIR if model.is_distilled else MINI_PIPELINE_DIR / "transformer"
+        for f in sorted(folder.glob("*.safetensors")):
+            digest.update(f.read_bytes())
+    elif model.kind != "tiny":  # the tiny model is built in code: its version and seed are in the repr's key below
+        local = Path(model_source(model)) / "transformer"
+        if local.is_dir():  # a local folder: a replaced weights file changes its size or time
+            for f in sorted(local.iterdir()):
+                stat = f.stat()
+                digest.update(f"{f.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return f"{model_cache_id(model)}/{digest.hexdigest()[:16]}"
+
+
 def load_pipeline(model: ModelConfig, runtime: Runtime):
     """The full pipeline (transformer, VAE, text encoder, tokenizer, scheduler) on `runtime`."""
     if model.kind == "tiny":
