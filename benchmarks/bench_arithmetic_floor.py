@@ -5,13 +5,13 @@ products and attention (the FLOPs the sweep cannot skip), how much is everything
 everything else cost nothing.
 
     python benchmarks/bench_arithmetic_floor.py                     # applied to the committed default sweep
-    python benchmarks/bench_arithmetic_floor.py --study PATH/study.db --wall 540   # to your own run
+    python benchmarks/bench_arithmetic_floor.py --report sweeps/lr_vs_steps/report.json --wall 540   # your own run
     python benchmarks/bench_arithmetic_floor.py --steps 20          # shorter
 
 Single-threaded, as the sweep's CPU workers run. Arithmetic time is the profiler's self CPU time
 of the matrix-product, attention and convolution kernels (ARITHMETIC below); the step, evaluation
-and validation times are taken without the profiler. The sweep's work comes from its study: the
-optimizer steps each training ran (a lane counts as one training), its sampled checkpoints and
+and validation times are taken without the profiler. The sweep's work comes from its report.json: the
+optimizer steps its trainings ran (a lane counts as one training), its sampled checkpoints and
 its validation points. Run it on the machine you want to judge: the floor moves with its matrix
 speed, which this prints as GFLOP/s.
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -68,31 +69,25 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def sweep_work(study_path: Path, name: str) -> dict:
-    """Trainings' optimizer steps, sampled checkpoints and validation points of a finished sweep."""
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name=name, storage=f"sqlite:///{study_path}")
-    steps = evaluations = validation = 0
-    measured = 0.0
-    for t in study.trials:
-        marks = [c["step"] for c in t.user_attrs.get("checkpoints") or []]
-        if not marks:
-            continue
-        start = (t.user_attrs.get("refine") or {}).get("from_step") or 0
-        steps += max(marks) - start  # a training stops at its collapse or its last checkpoint
-        evaluations += len(marks)
-        validation += sum(1 for v in t.user_attrs.get("validation") or [] if not v.get("sampled"))
-        measured += t.user_attrs.get("train_seconds", 0.0) + t.user_attrs.get("eval_seconds", 0.0)
-    return {"steps": steps, "evaluations": evaluations, "validation": validation, "worker_s": measured}
+def sweep_work(report_path: Path) -> dict:
+    """Optimizer steps, sampled checkpoints and validation points of a finished sweep, from its
+    report.json: each lr's training (with its continuations, which resume without retraining)
+    ends at its collapse or at the last step it was fine; every sampled checkpoint also has a
+    validation point, so the validation points tell both counts."""
+    report = json.loads(report_path.read_text())
+    steps = sum(t["collapse_step"] or t["fine_at"] or 0 for t in report["boundary"]["trainings"])
+    points = [p for trial in report.get("validation") or [] for p in trial["points"]]
+    metrics = report.get("answer", {}).get("metrics", {})
+    return {"steps": int(steps), "evaluations": sum(1 for p in points if p["sampled"]),
+            "validation": sum(1 for p in points if not p["sampled"]),
+            "worker_s": metrics.get("cost/measured_train_seconds", 0.0) + metrics.get("cost/measured_eval_seconds", 0.0)}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps timed per training path")
-    parser.add_argument("--study", type=Path, default=REPO / "sweeps" / "lr_vs_steps" / "study.db")
-    parser.add_argument("--name", default="lr_vs_steps", help="the study's name")
+    parser.add_argument("--report", type=Path, default=REPO / "sweeps" / "lr_vs_steps" / "report.json",
+                        help="a finished sweep's report.json (default: the committed default sweep's)")
     parser.add_argument("--wall", type=float, default=540.0,
                         help="the sweep's measured wall seconds (default: the README's run of the default sweep)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes the sweep ran (2 on 2 cores)")
@@ -161,12 +156,12 @@ def main(argv=None) -> int:
         print(f"| {name} | {s.wall_s * 1000:.1f} ms | {s.arithmetic_s * 1000:.1f} ms | {s.share:.0%} | {s.gflop:.2f} | "
               f"{s.gflop / s.arithmetic_s:.0f} |")
 
-    work = sweep_work(args.study, args.name)
+    work = sweep_work(args.report)
     lane = splits[f"training step, lanes of {len(LRS)} (per lane)"]
     ev, val = splits["checkpoint evaluation (48 samples)"], splits["validation point"]
     floor = work["steps"] * lane.arithmetic_s + work["evaluations"] * ev.arithmetic_s + work["validation"] * val.arithmetic_s
     at_speed = work["steps"] * lane.wall_s + work["evaluations"] * ev.wall_s + work["validation"] * val.wall_s
-    print(f"\nthe sweep in {args.study.relative_to(REPO) if args.study.is_relative_to(REPO) else args.study}: "
+    print(f"\nthe sweep in {args.report.relative_to(REPO) if args.report.is_relative_to(REPO) else args.report}: "
           f"{work['steps']} optimizer steps, {work['evaluations']} sampled checkpoints, {work['validation']} validation points; "
           f"{work['worker_s']:.0f} worker-seconds measured there")
     print(f"at this machine's measured speed (every step as a lane): {at_speed:.0f} worker-seconds")

@@ -71,23 +71,25 @@ def test_sampling_benchmark_runs_on_cpu():
     assert rows["base"] > rows["distilled"] > 0  # 50 steps with CFG against 4 without
 
 
-def test_the_floor_counts_the_committed_sweeps_work_from_its_study():
-    """The arithmetic floor multiplies per-unit times by the sweep's work: every training's
-    optimizer steps (from its start, or the grid step a continuation resumes at, to where it
-    stopped), its sampled checkpoints and its validation points between them."""
+def test_the_floor_counts_the_committed_sweeps_work_from_its_report():
+    """The arithmetic floor multiplies per-unit times by the sweep's work: every lr's optimizer
+    steps to where it collapsed (or stayed fine to the budget), its sampled checkpoints and its
+    validation points between them. Counted here from the collapse steps the report states."""
     import json
 
     sys.path.insert(0, str(REPO / "benchmarks"))
     from bench_arithmetic_floor import sweep_work
 
-    work = sweep_work(REPO / "sweeps" / "lr_vs_steps" / "study.db", "lr_vs_steps")
-    report = json.loads((REPO / "sweeps" / "lr_vs_steps" / "report.json").read_text())
-    # Each lr's training ends at its collapse, or at the refinement budget (5000) if it never collapses;
-    # the bisected lrs train from step 0 like the grid's.
-    ends = [t["collapse_step"] or 5000 for t in report["boundary"]["trainings"]]
-    assert work["steps"] == sum(ends)
+    path = REPO / "sweeps" / "lr_vs_steps" / "report.json"
+    work = sweep_work(path)
+    metrics = json.loads(path.read_text())["answer"]["metrics"]
+    collapses = [v for k, v in metrics.items() if k.startswith("collapse_step/")]
+    # 5e-5 never collapsed and trained to the refinement budget, 2 x the grid's 2500 steps
+    ends = [*collapses, 5000]
+    assert len(ends) == 6 and work["steps"] == sum(ends)
     assert work["evaluations"] == sum(e // 500 for e in ends)  # a sampled checkpoint every 500 steps
     assert work["validation"] == work["evaluations"]  # one validation point halfway between checkpoints
+    assert work["worker_s"] == metrics["cost/measured_train_seconds"] + metrics["cost/measured_eval_seconds"]
 
 
 @pytest.mark.slow
