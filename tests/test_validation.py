@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from sweep_helpers import COMMON, compose_plan, tiny_world
 
@@ -89,3 +90,51 @@ def test_a_moving_prior_triggers_a_sampled_evaluation_between_the_planned_ones()
     assert not prior_moved(points, 0.1452, None)  # eval.validation_trigger=null: planned checkpoints only
     assert not prior_moved(points, float("nan"), 0.05)  # diverged: the next planned checkpoint judges it
     assert prior_moved([], 0.06, 0.05) and not prior_moved([], 0.04, 0.05)  # before any sample: from the base model (0)
+
+
+def test_a_continuation_measures_the_trigger_from_the_training_it_continues(tmp_path):
+    """A refinement continuation's first validation point is compared with the last sampled
+    evaluation of the training it continues, not with the base model: a prior already far from
+    the base (0.30) that barely moves (+0.02) must not trigger a sampled evaluation at once."""
+    from klein_sweep.config import build_settings, compose_config
+    from klein_sweep.evaluation.recorder import TrialRecorder
+    from klein_sweep.record import TrialRecord
+    from klein_sweep.tracking import NullTracker
+    from klein_sweep.training.loop import CheckpointEvent
+
+    class Evaluation:  # the cheap signal only: no sampled evaluation may be asked for
+        def __init__(self, prior_loss):
+            self.prior_loss = prior_loss
+
+        def base_grids(self):
+            return {}
+
+        def validate(self, model):
+            return {"fit_loss": 0.2, "prior_loss": self.prior_loss}
+
+        def evaluate(self, step, model):
+            raise AssertionError(f"a sampled evaluation was triggered at step {step}")
+
+    class Policy:
+        base = base_distilled = None
+
+        def __init__(self, prior_loss):
+            self.prior_loss = prior_loss
+
+        def start_trial(self):
+            return Evaluation(self.prior_loss)
+
+    settings = build_settings(compose_config(["tracking=none", "eval=default", f"output_dir={tmp_path}"]))
+    assert settings.eval.validation_trigger == 0.05
+    grid = TrialRecord(state="good", steps=2500, rows=[], validation=[
+        ValidationPoint(2250, 0.2, 0.27), ValidationPoint(2500, 0.2, 0.30, sampled=True)])
+    event = CheckpointEvent(step=2750, loss=0.2, lr=1e-4, sampled=False)
+
+    continuation = TrialRecorder(settings, Policy(0.32), NullTracker(), n_images=8, continues=grid)
+    metrics, stop = continuation.on_checkpoint(event, model=None)
+    assert metrics["val/prior_loss"] == 0.32 and not stop
+    assert continuation.validation == [ValidationPoint(2750, 0.2, 0.32, sampled=False, triggered=False)]
+    # The same point in a training of its own (no history) is +0.32 from the base: that triggers.
+    alone = TrialRecorder(settings, Policy(0.32), NullTracker(), n_images=8)
+    with pytest.raises(AssertionError, match="triggered at step 2750"):
+        alone.on_checkpoint(event, model=None)
