@@ -6,8 +6,12 @@ prompts come as cached embeddings.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from klein_sweep.evaluation.base_samples import BaseSampleCache
 
 
 @dataclass(frozen=True)
@@ -28,7 +32,7 @@ def generate(
     lora_scale: float | None = None,
     progress: bool = False,
     output: str = "pt",
-    cache: "BaseSampleCache | None" = None,  # noqa: F821
+    cache: BaseSampleCache | None = None,
 ) -> torch.Tensor:
     """Images (N, 3, R, R) in [0, 1] on CPU, image i from prompt_embeds[i] (L, D) and seeds[i].
     Each image has its own generator, so a sample does not depend on its batch neighbours.
@@ -85,7 +89,7 @@ def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
 
 
 def generate_latents(pipe, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor, seeds: list[int],
-                     recipe: SampleRecipe, cache: "BaseSampleCache | None" = None) -> torch.Tensor:  # noqa: F821
+                     recipe: SampleRecipe, cache: BaseSampleCache | None = None) -> torch.Tensor:
     """The samples of `generate` as training latents (N, 4C, R/2f, R/2f): what the model's
     own images look like to its flow-matching loss, without a VAE round trip."""
     from klein_sweep.data.encoding import normalise_latents
