@@ -2,8 +2,9 @@
 the same prompts x seeds with the same recipe: the evaluation's yardstick (trigger, prior and
 the prior at other seeds) and the validation losses' prior samples. On the mini world a worker's
 evaluation setup takes 19.1 s when it draws them and 1.5 s when it reads them (one core,
-AVX-512); for a 9B on a GPU drawing them takes minutes. Stored are the denoised latents, one safetensors file per call under `<data.cache_dir>/base_samples/`; decoding
-them again is cheap and gives the same images.
+AVX-512); for a 9B on a GPU drawing them takes minutes. Stored are the denoised latents, one
+safetensors file per call under `<data.cache_dir>/base_samples/`; decoding them again is cheap
+and gives the same images.
 
 The key holds everything the samples depend on: the transformer's identity and the model's
 settings, the prompt and negative embeddings (their bytes), the seeds, the recipe, the device
