@@ -25,18 +25,17 @@ FORMAT = 1  # bump when what is stored, or how samples are drawn, changes
 
 
 class BaseSampleCache:
-    def __init__(self, root: str | Path | None, model_id: str):
-        self.root = Path(root) / "base_samples" if root is not None else None
+    def __init__(self, root: str | Path, model_id: str):
+        self.root = Path(root) / "base_samples"
         self.model_id = model_id
 
     @classmethod
-    def for_settings(cls, settings, model=None) -> "BaseSampleCache":
-        """The cache of `model` (default: the settings' model) in the settings' encoding-cache
-        folder; no disk when data.use_cache is off."""
+    def for_settings(cls, settings) -> "BaseSampleCache | None":
+        """The cache of the settings' model in their encoding-cache folder; None when
+        data.use_cache is off (nothing is keyed or kept)."""
         from klein_sweep.models.loading import transformer_id
 
-        model = model or settings.model
-        return cls(settings.data.cache_dir if settings.data.use_cache else None, transformer_id(model))
+        return cls(settings.data.cache_dir, transformer_id(settings.model)) if settings.data.use_cache else None
 
     def key(self, pipe, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor, seeds: list[int], recipe) -> str:
         import diffusers
@@ -53,8 +52,8 @@ class BaseSampleCache:
         return h.hexdigest()
 
     def get(self, key: str) -> torch.Tensor | None:
-        """The stored latents (N, C, h, w), or None (absent, unreadable or no disk)."""
-        if self.root is None or not (path := self.root / f"{key}.safetensors").exists():
+        """The stored latents (N, C, h, w), or None (absent or unreadable)."""
+        if not (path := self.root / f"{key}.safetensors").exists():
             return None
         from safetensors.torch import load_file
 
@@ -65,8 +64,6 @@ class BaseSampleCache:
         return latents
 
     def put(self, key: str, latents: torch.Tensor) -> None:
-        if self.root is None:
-            return
         from safetensors.torch import save_file
 
         self.root.mkdir(parents=True, exist_ok=True)

@@ -50,7 +50,8 @@ def generate(
         else:
             latents = _denoise(pipe, prompt_embeds[start : start + recipe.batch_size], negative_embeds,
                                seeds[start : start + recipe.batch_size], recipe, attention_kwargs)
-            denoised.append(latents.cpu())
+            if key is not None:  # kept for the cache only: no copies on the evaluation's path
+                denoised.append(latents.cpu())
         out.append((latents if output == "latent" else decode(pipe, latents)).float().cpu())
     if key is not None and stored is None:
         cache.put(key, torch.cat(denoised))
