@@ -58,3 +58,27 @@ def test_the_check_command(tiny_lora):
         assert bad.returncode == 2 and f"does not fit model {model}" in bad.stderr and "Traceback" not in bad.stderr
     missing = lora_check("/nope.safetensors", "model=tiny")
     assert missing.returncode == 2 and "/nope.safetensors does not exist" in missing.stderr
+
+
+def test_a_checked_lora_keeps_its_alpha(tmp_path):
+    """alpha != rank: loaded through the check it acts exactly as diffusers' own loader reads the
+    file (a bare state dict would fall back to alpha = rank: half this LoRA's strength)."""
+    import torch
+
+    trained = build_tiny_pipeline(seed=0)
+    trained_like(trained, rank=4, alpha=8.0, preset="attn")
+    path = save_lora(trained.transformer, tmp_path)
+
+    checked, direct = build_tiny_pipeline(seed=1), build_tiny_pipeline(seed=1)
+    load_checked_lora(checked, path, "tiny", adapter_name="checkpoint")
+    direct.load_lora_weights(str(path), adapter_name="checkpoint")
+    scaling = {m.scaling["checkpoint"] for m in checked.transformer.modules() if hasattr(m, "scaling") and "checkpoint" in m.scaling}
+    assert scaling == {2.0}  # alpha / rank
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 16, checked.transformer.config.in_channels)
+    text = torch.randn(1, 8, checked.transformer.config.joint_attention_dim)
+    ids = torch.zeros(16, 4), torch.zeros(8, 4)
+    outs = [p.transformer(hidden_states=x, encoder_hidden_states=text, timestep=torch.tensor([0.5]),
+                          img_ids=ids[0], txt_ids=ids[1], return_dict=False)[0] for p in (checked, direct)]
+    torch.testing.assert_close(outs[0], outs[1])

@@ -26,13 +26,19 @@ class LoraMismatchError(KleinSweepError):
 
 def read_any_lora(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The LoRA as diffusers state-dict keys (`transformer.<module>.lora_A.weight`), whatever its layout."""
+    return read_lora_with_metadata(path)[0]
+
+
+def read_lora_with_metadata(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """(state dict as read_any_lora gives it, the adapter metadata stored in the file: rank, alpha,
+    targets; None for files without it)."""
     from diffusers import Flux2KleinPipeline
 
     path = Path(path)
     if not path.is_file():
         raise KleinSweepError(f"LoRA file {path} does not exist")
     try:
-        return Flux2KleinPipeline.lora_state_dict(str(path))
+        return Flux2KleinPipeline.lora_state_dict(str(path), return_lora_metadata=True)
     except Exception as exc:  # not safetensors, truncated, or a layout diffusers cannot convert
         raise LoraMismatchError(
             f"LoRA {path} cannot be read as a FLUX.2 LoRA ({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]})"
@@ -67,7 +73,11 @@ def mismatches(state: dict[str, torch.Tensor], transformer: torch.nn.Module) -> 
 
 def check_lora_fits(path: str | os.PathLike, transformer: torch.nn.Module, model_name: str) -> dict[str, torch.Tensor]:
     """The LoRA's state dict when it fits; otherwise LoraMismatchError listing what does not."""
-    state = read_any_lora(path)
+    return _checked(path, transformer, model_name)[0]
+
+
+def _checked(path, transformer: torch.nn.Module, model_name: str) -> tuple[dict[str, torch.Tensor], dict | None]:
+    state, metadata = read_lora_with_metadata(path)
     if not state:
         raise LoraMismatchError(f"LoRA {path} holds no LoRA weights")
     problems = mismatches(state, transformer)
@@ -78,10 +88,12 @@ def check_lora_fits(path: str | os.PathLike, transformer: torch.nn.Module, model
             f"LoRA {path} does not fit model {model_name}: {len(problems)} problems in {n_modules} adapted modules "
             f"(a LoRA loads only into the model it was trained on, or one with the same transformer shapes):\n  {listed}"
         )
-    return state
+    return state, metadata
 
 
 def load_checked_lora(pipe, path: str | os.PathLike, model_name: str, adapter_name: str = "default") -> None:
-    """Check, then load with diffusers' own loader."""
-    state = check_lora_fits(path, pipe.transformer, model_name)
-    pipe.load_lora_weights(state, adapter_name=adapter_name)
+    """Check, then load with diffusers' own loader. The file's adapter metadata goes with the
+    weights: a state dict alone loads with alpha = rank, so an alpha != rank LoRA would act at the
+    wrong strength."""
+    state, metadata = _checked(path, pipe.transformer, model_name)
+    pipe.load_lora_into_transformer(state, transformer=pipe.transformer, adapter_name=adapter_name, metadata=metadata, _pipeline=pipe)
