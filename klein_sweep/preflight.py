@@ -54,7 +54,7 @@ def _shape_from_folder(folder: Path) -> ModelShape:
         path = folder / part / "config.json"
         if not path.exists():
             raise ModelError(f"model.path: {folder} is not a Flux2KleinPipeline folder: {path} is missing "
-                             "(a folder written by save_pretrained or downloaded with huggingface-cli download)")
+                             "(a folder written by save_pretrained or downloaded with hf download ORG/NAME --local-dir DIR)")
         return json.loads(path.read_text())
 
     text, vae = config("text_encoder"), config("vae")
@@ -65,7 +65,7 @@ def check_model(model: ModelConfig, resolution: int, key: str = "data.resolution
     """Resolution and text layers against the model's shape; a local model folder must exist."""
     if model.kind == "pretrained" and model.path and not _is_hub_id(model.path) and not Path(model.path).expanduser().is_dir():
         raise ModelError(f"model.path: folder {model.path} does not exist; download the weights once "
-                         f"(huggingface-cli download {KNOWN_MODELS.get(model.name, 'ORG/NAME')} --local-dir DIR) and set model.path=DIR")
+                         f"(hf download {KNOWN_MODELS.get(model.name, 'ORG/NAME')} --local-dir DIR) and set model.path=DIR")
     if model.kind == "mini" and model.is_distilled:
         if not (MINI_DISTILLED_DIR / "config.json").exists():
             raise ModelError(f"{key}: the distilled mini is missing from {MINI_DISTILLED_DIR}; build it with "
@@ -109,6 +109,53 @@ def check_environment(settings: Settings) -> None:
         raise ConfigError("model.quantize", m.quantize, "none, or install torchao: pip install 'klein_sweep[quant]'")
 
 
+def check_network_packages(settings: Settings) -> None:
+    """The packages of the metric networks the evaluation will use (eval.feature_network,
+    eval.identity_network, `auto` decided for the model; CLIP for eval.prompt_fidelity) import.
+    They are imported only when the evaluator is built, after the model has loaded."""
+    from klein_sweep.evaluation.networks import resolve_networks
+    from klein_sweep.evaluation.real_networks import PACKAGES
+
+    e = settings.eval
+    feature, identity = resolve_networks(e, settings.model.kind)
+    chosen = [("eval.feature_network", e.feature_network, feature), ("eval.identity_network", e.identity_network, identity)]
+    if e.prompt_fidelity:
+        chosen.append(("eval.prompt_fidelity", e.prompt_fidelity, "clip"))
+    for key, value, network in chosen:
+        if network not in PACKAGES:
+            continue
+        problem = _package_problem(network)
+        if problem is None:
+            continue
+        install = PACKAGES[network][1]
+        if key == "eval.prompt_fidelity":
+            raise ConfigError(key, value, f"false, or the packages CLIP-T needs: {problem}; {install}")
+        picked = f"; {key}=auto picks {network} for model {settings.model.name}" if value == "auto" else ""
+        raise ConfigError(key, network, f"another network, or the packages {network} needs: {problem}; {install}{picked}")
+
+
+def _package_problem(network: str) -> str | None:
+    """Why `network`'s packages would not import, or None. Found with find_spec (nothing is
+    imported); the ones in IMPORT_CHECKED are imported, since an installed build for another torch
+    fails only then."""
+    from klein_sweep.evaluation.real_networks import IMPORT_CHECKED, PACKAGES
+
+    for module, pip in PACKAGES[network][0]:
+        if importlib.util.find_spec(module) is None:
+            return f"{pip} is not installed"
+    for module, pip in PACKAGES[network][0]:
+        if module in IMPORT_CHECKED:
+            try:
+                importlib.import_module(module)
+            except Exception as exc:  # noqa: BLE001 - any failure of a broken build
+                import torch
+
+                first = (str(exc).splitlines() or [""])[0]
+                return (f"{pip} is installed but does not import ({exc.__class__.__name__}: {first}); "
+                        f"install the {pip} build made for torch {torch.__version__}")
+    return None
+
+
 def check_settings(settings: Settings, planning_only: bool = False) -> None:
     """Everything about one cell's settings that can be known without loading a model.
     planning_only (a cost preview): the settings and the model's shape, not this machine's
@@ -125,6 +172,7 @@ def check_settings(settings: Settings, planning_only: bool = False) -> None:
         from klein_sweep.evaluation.networks import check_networks_available
 
         check_networks_available(settings.eval, settings.model.kind)
+        check_network_packages(settings)
         if settings.eval.also_distilled:
             from klein_sweep.evaluation.distilled import distilled_model_config
 

@@ -77,9 +77,9 @@ def test_clip_image_embedding_and_prompt_fidelity(local_clip, monkeypatch):
 @pytest.mark.parametrize(
     "overrides,key,download",
     [
-        (["eval.feature_network=dinov2"], "eval.network_paths.dinov2", "facebook/dinov2-base"),
-        (["eval.identity_network=clip"], "eval.network_paths.clip", "openai/clip-vit-large-patch14"),
-        (["eval.prompt_fidelity=true"], "eval.network_paths.clip", "openai/clip-vit-large-patch14"),
+        (["eval.feature_network=dinov2"], "eval.network_paths.dinov2", "hf download facebook/dinov2-base"),
+        (["eval.identity_network=clip"], "eval.network_paths.clip", "hf download openai/clip-vit-large-patch14"),
+        (["eval.prompt_fidelity=true"], "eval.network_paths.clip", "hf download openai/clip-vit-large-patch14"),
         (["eval.feature_network=inception"], "eval.network_paths.inception", "pt_inception-2015-12-05"),
         (["eval.identity_network=arcface", "eval.network_paths.arcface=/no/such/dir"], "eval.network_paths.arcface",
          "insightface model pack"),
