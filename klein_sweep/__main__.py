@@ -12,7 +12,9 @@ folder. The Hydra object stops here: below this file everything takes typed sett
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
@@ -21,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from klein_sweep import interrupts
 from klein_sweep.config import Settings, build_settings, register_resolvers
 from klein_sweep.errors import KleinSweepError
-from klein_sweep.redaction import redact
+from klein_sweep.redaction import redact, redacted_output
 
 log = logging.getLogger("klein_sweep")
 
@@ -30,7 +32,9 @@ register_resolvers()
 
 # config_path is relative to this file: the conf/ folder inside the installed package.
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> None:
+def app(cfg: DictConfig) -> None:
+    """Hydra's task: no exception leaves it (Hydra's own report of one would echo every
+    override, passwords included)."""
     settings = None
     interrupts.install()
     try:
@@ -54,6 +58,32 @@ def main(cfg: DictConfig) -> None:
     except KeyboardInterrupt:
         print(f"klein_sweep: interrupted: {interrupted_line(settings)}", file=sys.stderr)
         sys.exit(130)
+    except Exception as exc:  # a bug or a library's own failure: still one redacted line
+        report_unexpected(exc)
+        sys.exit(1)
+
+
+def main() -> None:
+    """The command (`python -m klein_sweep`, `klein-sweep`): Hydra's app, with everything it
+    prints - our lines, library messages, Hydra's own errors, which echo the overrides - passed
+    through `redact`, so a password given on the command line never reaches the terminal."""
+    with redacted_output():
+        try:
+            app()
+        except Exception as exc:  # Hydra re-raises its own errors under HYDRA_FULL_ERROR=1
+            report_unexpected(exc)
+            sys.exit(1)
+
+
+def report_unexpected(exc: BaseException) -> None:
+    """An error that is no user input's: its type and first line, redacted; the redacted
+    traceback under HYDRA_FULL_ERROR=1."""
+    text = str(exc).strip()
+    print(f"klein_sweep: error: {exc.__class__.__name__}: {redact(text.splitlines()[0][:300] if text else '')}", file=sys.stderr)
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        print(redact("".join(traceback.format_exception(exc))), file=sys.stderr, end="")
+    else:
+        print("Set the environment variable HYDRA_FULL_ERROR=1 for the traceback.", file=sys.stderr)
 
 
 def interrupted_line(settings: Settings | None) -> str:
@@ -145,6 +175,9 @@ def run_sweep_command(settings: Settings, resolved: dict) -> None:
         print(render_cost(cost, plan.study_name))
         print(f"written to {write_cost(cost, plan.output_dir.absolute())}; no study or MLflow run was created")
         return
+    from klein_sweep.sweep.study import check_storage
+
+    check_storage(plan)  # before the study, the MLflow run or any file exists
     log.info("study %s in %s", plan.study_name, redact(plan.storage_url))
     summary = run_on_this_machine(plan)
     if settings.sweep.role == "prepare":

@@ -9,7 +9,7 @@ Stored as Optuna user attributes (one per field, so optuna-dashboard shows them 
             validation (a list of ValidationPoint: the dense validation losses)
             + the queue's own: cell, worker, failure_reason, interrupted, duplicate_of,
               surplus, retry_of, mlflow_run_id, refine
-    study   meta (StudyMeta), mlflow_parent_run_id
+    study   meta (StudyMeta), mlflow_parent_run_id, mlflow_tracking_uri
 
 JSON has no NaN or infinity: they are stored as the strings "nan", "inf", "-inf" and decoded back
 here (a diverged trial's loss is a NaN the report must see as such).
@@ -68,6 +68,7 @@ def retried_trials(trials) -> set[int]:
 class StudyAttr:
     META = "meta"
     PARENT_RUN = "mlflow_parent_run_id"
+    TRACKING_URI = "mlflow_tracking_uri"  # the store of the parent run, redacted (klein_sweep.tracking.store_identity)
 
 
 class RecordError(KleinSweepError):

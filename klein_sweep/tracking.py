@@ -26,9 +26,15 @@ class TrackingError(KleinSweepError):
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail before anything is written when an MLflow server URL does not answer. (A file or
-    sqlite store needs no check: it is created on first use.)"""
+    """Fail before anything is written when the MLflow store cannot be opened: a server URL that
+    does not answer, a database that takes no connection within seconds, a sqlite file (or a
+    folder store) whose folder cannot be created. Creates nothing."""
     if not uri.startswith(("http://", "https://")):
+        from klein_sweep.stores import store_problem
+
+        problem = store_problem(uri)
+        if problem:
+            raise TrackingError(f"tracking.uri: cannot open the MLflow store {redact(uri)}: {problem}")
         return
     import urllib.error
     import urllib.request
@@ -47,6 +53,29 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         f"(see {SERVER_DOC}: mlflow server --backend-store-uri postgresql://... --host 127.0.0.1 --port 5000) "
         "or track to a local file with tracking.uri=sqlite:///mlflow.db"
     )
+
+
+def store_identity(uri: str) -> str:
+    """The MLflow store `uri` names, spelled so that two commands on one machine that mean the
+    same store compare equal - a sqlite file or a folder by its absolute path (sqlite:///mlflow.db
+    is relative to the folder a command starts in), a server without its trailing slash - and
+    redacted, as a study keeps it and messages show it."""
+    import os
+
+    from klein_sweep.stores import local_path, scheme
+
+    path = local_path(uri)
+    kind = scheme(uri)
+    if path is not None:
+        absolute = os.path.abspath(path)
+        if kind == "sqlite":
+            query = uri.partition("?")[2]
+            uri = f"sqlite:///{absolute}" + (f"?{query}" if query else "")
+        else:
+            uri = f"file://{absolute}" if kind == "file" else absolute
+    elif kind in ("http", "https"):
+        uri = uri.rstrip("/")
+    return redact(uri)
 
 
 class Tracker(Protocol):

@@ -3,8 +3,9 @@ message naming the file, key or value (and what would be valid), exit code 2, no
 and nothing written: no MLflow store, no study, no sweep folder.
 
 Elsewhere in the catalogue: a LoRA from another model (test_lora_compat.py), an unreachable
-MLflow server (test_tracking_faults.py), a study prepared with other settings
-(test_workers.py)."""
+MLflow server (test_tracking_faults.py), a study prepared with other settings or tracked to
+another store (test_workers.py), a password in an override that an error would echo
+(test_redaction.py)."""
 
 from __future__ import annotations
 
@@ -120,6 +121,29 @@ def test_unreachable_or_unusable_storage_url(tmp_path, scheme):
     expected = "cannot open Optuna storage" if scheme == "postgresql" else "needs a database driver that is not installed"
     assert_refused(proc, "sweep.storage: ", tmp_path)
     assert expected in proc.stderr and "secret" not in proc.stderr  # the password is never printed
+
+
+@pytest.mark.parametrize("sweep", [[], ["+sweep=lr_vs_steps"]], ids=["single", "sweep"])
+def test_a_tracking_database_that_does_not_answer_is_refused_before_anything_is_written(tmp_path, sweep):
+    port = free_port()  # bound, then closed: nothing answers there
+    proc = run_cli("model=tiny", "data=tiny_character", *sweep, f"tracking.uri=postgresql://ks:S3cretPw@127.0.0.1:{port}/db",
+                   cwd=tmp_path, timeout=120)
+    assert_refused(proc, f"tracking.uri: cannot open the MLflow store postgresql://ks:***@127.0.0.1:{port}/db: ", tmp_path)
+    assert "S3cretPw" not in proc.stdout + proc.stderr
+    assert list(tmp_path.iterdir()) == []  # no outputs/, sweeps/, mlflow.db, encoding cache
+
+
+@pytest.mark.parametrize("override,message", [
+    ("tracking.uri=sqlite:///{blocker}/sub/mlflow.db", "tracking.uri: cannot open the MLflow store sqlite:///{blocker}/sub/mlflow.db: "),
+    ("sweep.storage=sqlite:///{blocker}/study.db", "sweep.storage: cannot open Optuna storage sqlite:///{blocker}/study.db: "),
+], ids=["tracking", "storage"])
+def test_a_sqlite_store_whose_folder_cannot_be_created_is_refused_before_anything_is_written(tmp_path, override, message):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    proc = run_cli("model=tiny", "data=tiny_character", "+sweep=lr_vs_steps", override.format(blocker=blocker), cwd=tmp_path)
+    assert_refused(proc, message.format(blocker=blocker), tmp_path)
+    assert f"{blocker} is a file" in proc.stderr
+    assert list(tmp_path.iterdir()) == [blocker]
 
 
 @pytest.mark.parametrize("typo,key", [("trian:\n  lr: 1.0e-4\n", "trian"), ("sweeps:\n  name: x\n", "sweeps")])

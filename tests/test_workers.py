@@ -145,3 +145,33 @@ def test_workers_with_other_settings_than_the_prepared_study_are_refused(tmp_pat
     other = run_cli(*args, "sweep.params.train.lr.values=[3e-4]", cwd=tmp_path)
     assert other.returncode == 2 and "sweep.params: study" in other.stderr and "sweep.cells: study" in other.stderr, other.stderr
     assert len(study_at(storage, "lr_vs_steps").get_trials()) == queued
+
+
+def test_a_command_that_tracks_elsewhere_than_the_study_is_refused_before_any_work(tmp_path, postgres, monkeypatch):
+    """The study's MLflow parent run lives in one store: a command tracking to another would log
+    its trials apart from the study's runs (and fail late, reopening the parent run). The default
+    tracking.uri=sqlite:///mlflow.db is such a store in each folder a command starts in."""
+    from klein_sweep.sweep.worker import prepare_study
+    from sweep_helpers import compose_plan
+
+    storage = postgres.create_database("elsewhere")
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    args = sweep_args("lr_vs_steps", tmp_path, f"sweep.storage={storage}")  # tracking: the default, relative sqlite:///mlflow.db
+    monkeypatch.chdir(first)
+    prepare_study(compose_plan([*args, "sweep.role=prepare"]))[1].flush()  # the first command's prepare, in this process
+    monkeypatch.chdir(tmp_path)
+    study = study_at(storage, "lr_vs_steps")
+    before = (len(study.get_trials()), study.user_attrs)
+    assert study.user_attrs["mlflow_tracking_uri"] == f"sqlite:///{first / 'mlflow.db'}"
+
+    study_store = f"sqlite:///{first / 'mlflow.db'}"
+    for extra in ([], ["sweep.role=work", f"tracking.uri=sqlite:///{second / 'other.db'}"]):
+        proc = run_cli(*args, *extra, cwd=second)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert f"tracking.uri: study 'lr_vs_steps' tracks to the MLflow store {study_store} (its parent run " in proc.stderr, proc.stderr
+        assert f"join the study with tracking.uri={study_store}" in proc.stderr and "Traceback" not in proc.stderr
+        assert list(second.iterdir()) == []  # no mlflow.db, no sweeps/ folder in the second command's folder
+    study = study_at(storage, "lr_vs_steps")
+    assert (len(study.get_trials()), study.user_attrs) == before  # nothing queued, asked or recorded

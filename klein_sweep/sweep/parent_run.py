@@ -1,10 +1,13 @@
 """The study's MLflow parent run: created by the first worker with the sweep's params, its shared
-runs view and the cost prediction; reopened by the others; closed by the last one out."""
+runs view and the cost prediction; reopened by the others; closed by the last one out. The study
+records the run's store beside its id, so a command that tracks elsewhere is refused before it
+does any work (check_tracking_store)."""
 
 from __future__ import annotations
 
 import logging
 
+from klein_sweep.errors import KleinSweepError
 from klein_sweep.record import StudyAttr
 from klein_sweep.sweep.plan import SweepPlan
 
@@ -40,7 +43,10 @@ def open_parent_run(study, plan: SweepPlan):
         return None
     run_id = study.user_attrs.get(StudyAttr.PARENT_RUN)
     if run_id:
-        return MlflowTracker.attach(tracking.uri, run_id)
+        parent = MlflowTracker.attach(tracking.uri, run_id)
+        if not study.user_attrs.get(StudyAttr.TRACKING_URI):  # a study prepared before the store was recorded
+            record_tracking_store(study, plan)
+        return parent
     parent = MlflowTracker.start(tracking.uri, plan.sweep.name, run_name=f"study {plan.sweep.name}", tags={"klein.study": plan.sweep.name})
     s = plan.sweep
     parent.log_params({
@@ -50,9 +56,40 @@ def open_parent_run(study, plan: SweepPlan):
         "sweep.params": {k: (v.values if v.type == "categorical" else [v.low, v.high]) for k, v in s.params.items()},
     })
     study.set_user_attr(StudyAttr.PARENT_RUN, parent.run_id)
+    record_tracking_store(study, plan)
     parent.share_runs_view(*runs_view_columns(plan))
     log_cost_prediction(parent, plan)
     return parent
+
+
+def record_tracking_store(study, plan: SweepPlan) -> None:
+    from klein_sweep.tracking import store_identity
+
+    study.set_user_attr(StudyAttr.TRACKING_URI, store_identity(plan.tracking.uri))
+
+
+def check_tracking_store(study, plan: SweepPlan) -> None:
+    """Refuse a command whose tracking.uri is not the store of the study's MLflow parent run:
+    its trials would be tracked apart from the study's runs, and reopening the parent run would
+    fail only late. Called as the study is opened, before anything is queued, asked or tracked.
+    A study prepared before its store was recorded is not checked."""
+    from klein_sweep.redaction import MASK, redact
+    from klein_sweep.stores import local_path
+    from klein_sweep.tracking import store_identity
+
+    recorded, run_id = study.user_attrs.get(StudyAttr.TRACKING_URI), study.user_attrs.get(StudyAttr.PARENT_RUN)
+    if plan.tracking.backend == "none" or not recorded or not run_id:
+        return
+    mine = store_identity(plan.tracking.uri)
+    if mine == recorded:
+        return
+    path = local_path(plan.tracking.uri)
+    relative = f" ({redact(plan.tracking.uri)} is relative to the folder a command starts in)" if path and not path.is_absolute() else ""
+    raise KleinSweepError(
+        f"tracking.uri: study '{plan.study_name}' tracks to the MLflow store {recorded} (its parent run {run_id}), "
+        f"this command to {mine}{relative}; join the study with tracking.uri={recorded}"
+        + (f" (your password in place of {MASK})" if MASK in recorded else "")
+    )
 
 
 def runs_view_columns(plan: SweepPlan) -> tuple[list[str], str]:

@@ -60,6 +60,20 @@ def open_study(plan: SweepPlan, create: bool = True):
     )
 
 
+def check_storage(plan: SweepPlan) -> None:
+    """Before anything is written: the study's storage can be opened (a database server takes a
+    connection within seconds; a sqlite file exists or its folder can be created). Creates
+    nothing; the tracking store's check is klein_sweep.tracking.check_reachable."""
+    from klein_sweep.stores import store_problem
+
+    problem = store_problem(plan.storage_url)
+    if problem:
+        key = "sweep.storage" if plan.sweep.storage else "sweep.output_dir"  # the default study lives in the output folder
+        hint = ("for PostgreSQL: pip install 'klein_sweep[postgres]'" if "driver" in problem else
+                "valid: sqlite:///path/study.db, or postgresql://user:password@host:port/database of a running server")
+        raise KleinSweepError(f"{key}: cannot open Optuna storage {redact(plan.storage_url)}: {problem}; {hint}")
+
+
 def _open_storage(plan: SweepPlan):
     import optuna
 

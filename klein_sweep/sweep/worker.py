@@ -27,7 +27,7 @@ from klein_sweep.record import StudyAttr, StudyMeta
 from klein_sweep.redaction import redact
 from klein_sweep.sweep.faults import MachineFault, machine_fault
 from klein_sweep.sweep.lane_group import run_lane_group
-from klein_sweep.sweep.parent_run import close_parent_run, open_parent_run
+from klein_sweep.sweep.parent_run import check_tracking_store, close_parent_run, open_parent_run
 from klein_sweep.sweep.plan import SweepPlan, plan_differences, plan_fingerprint, plan_hash
 from klein_sweep.sweep.queue import lane_companions, next_trial, sync_grid_queue
 from klein_sweep.sweep.refinement import next_refinement_trial
@@ -167,6 +167,7 @@ def prepare_study(plan: SweepPlan):
     """Create or reopen the study, queue the grid cells no trial holds (again those of dead
     workers), record the plan, create the MLflow experiment and parent run. Idempotent."""
     study = open_study(plan)
+    check_tracking_store(study, plan)  # before anything is queued into the study or tracked
     meta = study_meta(plan)
     prepared = StudyMeta.from_json(study.user_attrs.get(StudyAttr.META), where=f"study {plan.study_name}")
     if prepared:  # before anything is queued: a study with other cells must stay untouched
@@ -185,6 +186,7 @@ def join_study(plan: SweepPlan):
     """sweep.role=work: a study prepared before the workers started (so no two workers race to
     create it, its queue or its MLflow parent run)."""
     study = open_study(plan, create=False)
+    check_tracking_store(study, plan)
     prepared = StudyMeta.from_json(study.user_attrs.get(StudyAttr.META), where=f"study {plan.study_name}")
     if prepared is None:
         raise KleinSweepError(
