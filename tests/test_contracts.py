@@ -3,6 +3,8 @@ tracking to another MLflow store than its study is refused by name."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -35,6 +37,7 @@ def test_workers_must_track_to_the_study_s_mlflow_store(tmp_path):
 
     first, other = f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}"
     prepare_study(plan(first))
-    with pytest.raises(KleinSweepError, match=f"tracking.uri: study '{first}', this command '{other}'"):
+    with pytest.raises(KleinSweepError, match=re.escape(f"tracking.uri: study 'lr_vs_steps' tracks to the MLflow store {first}")) as refused:
         prepare_study(plan(other))
+    assert f"this command to {other}; join the study with tracking.uri={first}" in str(refused.value)
     assert not (tmp_path / "b.db").exists()  # refused before the other store was touched
