@@ -99,7 +99,8 @@ def main(argv=None) -> int:
     from klein_sweep.config import build_settings, compose_config
     from klein_sweep.evaluation.evaluator import CheckpointEvaluator, eval_prompts
     from klein_sweep.evaluation.validation import ValidationLosses
-    from klein_sweep.training.lanes import LaneAdapters, LaneSpec, train_lanes
+    from klein_sweep.training.lanes import LaneAdapters
+    from klein_sweep.training.loop import LaneSpec, train_lanes
     from klein_sweep.training.loop import flow_matching_loss, train_lora, BatchSampler
     from klein_sweep.training.trial import inject_trial_lora, prepare_model, resolve_plan
 

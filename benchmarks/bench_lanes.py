@@ -29,7 +29,8 @@ def main(argv=None) -> int:
     from bench_default_sweep import machine  # beside this script: one way to name the machine
 
     from klein_sweep.config import build_settings, compose_config
-    from klein_sweep.training.lanes import LaneAdapters, LaneSpec, train_lanes
+    from klein_sweep.training.lanes import LaneAdapters
+    from klein_sweep.training.loop import LaneSpec, train_lanes
     from klein_sweep.training.loop import train_lora
     from klein_sweep.training.trial import inject_trial_lora, prepare_model, resolve_plan
 

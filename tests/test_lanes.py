@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from test_train import setup
 
-from klein_sweep.training.lanes import LaneAdapters, LaneSpec, train_lanes
+from klein_sweep.training.lanes import LaneAdapters
+from klein_sweep.training.loop import LaneSpec, train_lanes
 from klein_sweep.training.loop import train_lora
 from klein_sweep.training.resume import load_train_state
 

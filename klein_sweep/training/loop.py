@@ -1,8 +1,11 @@
-"""The LoRA training loop. Reads top to bottom: set up, then for each optimizer step: micro-batches
-(sample -> noise -> predict -> loss -> backward), then clip, step, log, checkpoint.
+"""The LoRA training loop: one loop for one LoRA or several (lanes, training/lanes.py: LoRAs that
+differ only in lr, trained in one batched forward; one LoRA is the one-lane case). Reads top to
+bottom: set up (optimizer groups, schedule, data order, a saved state to continue from), then for
+each optimizer step: micro-batches (sample -> noise -> predict -> per-lane loss -> backward), clip
+each lane, step, log, checkpoint.
 
-Knows nothing of MLflow or Optuna: it takes a `Tracker` and an `on_checkpoint(event, transformer)
--> stop?` callback; evaluation and pruning hang there.
+Knows nothing of MLflow or Optuna: it takes a `Tracker` per lane and an `on_checkpoint(lane,
+event, model) -> stop?` callback; evaluation and pruning hang there.
 """
 
 from __future__ import annotations
@@ -10,15 +13,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 
 from klein_sweep.config import TrainConfig
 from klein_sweep.data.encoding import EncodedData
 from klein_sweep.tracking import NullTracker, Tracker
-from klein_sweep.training import flow_matching as fm
-from klein_sweep.training.resume import TrainState, lora_names, restore_lora, save_train_state
+from klein_sweep.training.batches import Batch, BatchSampler, flow_matching_loss, flow_matching_prediction  # noqa: F401 - the step's parts, here by name
+from klein_sweep.training.lanes import LaneAdapters, lane_losses, lane_train_state, resume_lanes
+from klein_sweep.training.resume import TrainState, save_train_state
 
 
 @dataclass
@@ -38,7 +42,18 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # per optimizer step
 
 
-OnCheckpoint = Callable[[CheckpointEvent, torch.nn.Module], bool]
+@dataclass
+class LaneSpec:
+    """One lane: its lr, where its metrics go, its saved state to continue from and to save."""
+
+    lr: float
+    tracker: Tracker | None = None
+    resume_from: TrainState | None = None  # continue this saved training from its step
+    save_state_to: Path | None = None  # save the lane's state when it ends at `steps` (not when stopped early)
+
+
+# (lane, checkpoint, the model holding that lane's LoRA) -> stop this lane?
+OnCheckpoint = Callable[[int, CheckpointEvent, torch.nn.Module], bool]
 
 
 def checkpoint_schedule(steps: int, every: int, extra: Iterable[int] = ()) -> list[int]:
@@ -60,6 +75,135 @@ def compile_blocks(transformer: torch.nn.Module) -> None:
     transformer._klein_compiled = True
 
 
+def train_lanes(
+    transformer: torch.nn.Module,
+    adapters: LaneAdapters,
+    lanes: Sequence[LaneSpec],
+    data: EncodedData,
+    cfg: TrainConfig,
+    *,
+    steps: int,
+    device: str,
+    checkpoints: Iterable[int] = (),
+    on_checkpoint: OnCheckpoint | None = None,
+    caption_dropout: float = 0.0,
+    progress: bool = True,
+) -> list[TrainResult]:
+    """Train the lanes' LoRAs (everything in `cfg` but the lr shared) up to optimizer step
+    `steps`, from 0 or from their saved states. Returns one TrainResult per lane; a lane that
+    diverges or that its callback stops leaves the batch, the others go on."""
+    from accelerate import Accelerator
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    n = len(lanes)
+    if cfg.compile and n > 1:
+        raise ValueError("train.compile trains one LoRA at a time: compiled blocks cannot run shadowed lane forwards")
+    trackers = [lane.tracker or NullTracker() for lane in lanes]
+    checkpoint_steps = set(checkpoints) or {steps}
+    # Accumulation is written out below, so accelerate is not told about it (it would divide the
+    # loss a second time and skip optimizer calls behind our back).
+    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg, device), cpu=device == "cpu")
+    optimizer = _build_optimizer([{"params": adapters.params[i], "lr": lane.lr} for i, lane in enumerate(lanes)], cfg)
+    lr_scheduler = get_scheduler(cfg.lr_schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=steps)
+    batches = BatchSampler(data, cfg, device, caption_dropout)
+    start, sampler_state = resume_lanes(adapters, [lane.resume_from for lane in lanes], optimizer, lr_scheduler)
+    if sampler_state is not None:
+        batches.load_state(sampler_state)
+    transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
+    if cfg.gradient_checkpointing:
+        accelerator.unwrap_model(transformer).enable_gradient_checkpointing()
+    if cfg.compile:
+        compile_blocks(accelerator.unwrap_model(transformer))
+    transformer.train()
+
+    run = _Run(n)
+    title = "train" if n == 1 else f"train {n} lanes"
+    # disable=None: a live bar on a terminal, no bar in logs and CI.
+    bar = tqdm(total=steps, initial=start, desc=title, unit="step", disable=None if progress else True, dynamic_ncols=True)
+    try:
+        for step in range(start + 1, steps + 1):
+            step_losses = _optimizer_step(transformer, adapters, run.active, batches, optimizer, lr_scheduler, accelerator, cfg, device)
+            run.record(step, step_losses, lr_scheduler.get_last_lr(), trackers)
+            bar.update(1)
+            if n == 1 and run.active:
+                bar.set_postfix(loss=f"{step_losses[0]:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}", refresh=False)
+            if step in checkpoint_steps and on_checkpoint is not None:
+                run.checkpoint(step, lr_scheduler.get_last_lr(), adapters, transformer, accelerator, on_checkpoint)
+            if not run.active:
+                break
+        sampler_state = batches.state()
+        for lane in run.active:
+            if lanes[lane].save_state_to is not None:
+                save_train_state(lanes[lane].save_state_to, lane_train_state(adapters, lane, steps, optimizer, lr_scheduler, sampler_state))
+            run.results[lane] = TrainResult("finished", steps, None, run.losses[lane])
+        return run.results  # type: ignore[return-value]
+    finally:
+        bar.close()
+        for t in trackers:
+            t.flush()
+        transformer.eval()
+
+
+def _optimizer_step(transformer, adapters: LaneAdapters, active: list[int], batches: BatchSampler, optimizer, lr_scheduler,
+                    accelerator, cfg: TrainConfig, device: str) -> list[float]:
+    """One optimizer step of the active lanes: their losses, in `active`'s order."""
+    micro = []
+    for _ in range(cfg.grad_accum):  # micro-batches: gradients add up, the mean is the step's
+        batch = batches.next()
+        # Backward inside the block too: gradient checkpointing re-runs the forward there.
+        with adapters.batched(active):
+            if adapters.single:
+                per_lane = flow_matching_loss(transformer, batch, device).reshape(1)
+            else:
+                per_lane = lane_losses(transformer, batch, device, len(active))
+            # The sum's gradient in lane l's parameters is lane l's loss's alone.
+            accelerator.backward(per_lane.sum() / cfg.grad_accum)
+        micro.append(per_lane.detach())
+    if cfg.max_grad_norm > 0:
+        for lane in active:  # each lane clipped by its own norm, as a lone training is
+            accelerator.clip_grad_norm_(adapters.params[lane], cfg.max_grad_norm)
+    optimizer.step()  # once per optimizer step; lanes out of the batch have no gradient: AdamW leaves them be
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return torch.stack(micro).mean(dim=0).tolist()  # one device sync per step
+
+
+class _Run:
+    """The lanes' progress: which are still training, their losses, their results."""
+
+    def __init__(self, n: int):
+        self.active = list(range(n))
+        self.results: list[TrainResult | None] = [None] * n
+        self.losses: list[list[float]] = [[] for _ in range(n)]
+        self.windows: list[list[float]] = [[] for _ in range(n)]  # losses since the last checkpoint
+
+    def record(self, step: int, step_losses: list[float], lrs: list[float], trackers) -> None:
+        for lane, loss in zip(list(self.active), step_losses):
+            if not math.isfinite(loss):
+                trackers[lane].log_metrics({"train/nonfinite_step": step}, step=step)
+                self.leave(lane, TrainResult("diverged", step, f"non-finite training loss ({loss}) at step {step}", self.losses[lane]))
+                continue
+            self.losses[lane].append(loss)
+            self.windows[lane].append(loss)
+            trackers[lane].log_metrics({"train/loss": loss, "train/lr": lrs[lane]}, step=step)
+
+    def checkpoint(self, step: int, lrs: list[float], adapters: LaneAdapters, transformer, accelerator, on_checkpoint) -> None:
+        for lane in list(self.active):
+            event = CheckpointEvent(step=step, loss=sum(self.windows[lane]) / len(self.windows[lane]), lr=lrs[lane])
+            self.windows[lane] = []
+            adapters.load(lane)
+            transformer.eval()
+            stop = on_checkpoint(lane, event, accelerator.unwrap_model(transformer))
+            transformer.train()
+            if stop:
+                self.leave(lane, TrainResult("stopped", step, f"stopped by the checkpoint callback at step {step}", self.losses[lane]))
+
+    def leave(self, lane: int, result: TrainResult) -> None:
+        self.results[lane] = result
+        self.active.remove(lane)
+
+
 def train_lora(
     transformer: torch.nn.Module,
     lora_params: list[torch.nn.Parameter],
@@ -69,169 +213,22 @@ def train_lora(
     steps: int,
     device: str,
     checkpoints: Iterable[int] = (),
-    on_checkpoint: OnCheckpoint | None = None,
+    on_checkpoint: Callable[[CheckpointEvent, torch.nn.Module], bool] | None = None,
     caption_dropout: float = 0.0,
     tracker: Tracker | None = None,
     progress: bool = True,
-    resume_from: "TrainState | None" = None,
+    resume_from: TrainState | None = None,
     save_state_to: Path | None = None,
 ) -> TrainResult:
-    """Train the LoRA already injected into `transformer` up to optimizer step `steps`.
-    `resume_from`: continue a saved training (its LoRA, optimizer, schedule and data order)
-    from its step instead of from 0. `save_state_to`: save that state when the training ends
-    at `steps` (not when stopped early)."""
-    from accelerate import Accelerator
-    from diffusers.optimization import get_scheduler
-    from tqdm.auto import tqdm
-
-    tracker = tracker or NullTracker()
-    checkpoint_steps = set(checkpoints) or {steps}
-    # Accumulation is written out in the loop below, so accelerate is not told about it (it
-    # would divide the loss a second time and skip optimizer calls behind our back).
-    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg, device), cpu=device == "cpu")
-    optimizer = _build_optimizer(lora_params, cfg)
-    lr_scheduler = get_scheduler(
-        cfg.lr_schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=steps
-    )
-    start = 0
-    if resume_from is not None:
-        restore_lora(transformer, lora_params, resume_from)
-        optimizer.load_state_dict(resume_from.optimizer)
-        lr_scheduler.load_state_dict(resume_from.scheduler)
-        start = resume_from.step
-    transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
-    if cfg.gradient_checkpointing:
-        accelerator.unwrap_model(transformer).enable_gradient_checkpointing()
-    if cfg.compile:
-        compile_blocks(accelerator.unwrap_model(transformer))
-    transformer.train()
-
-    batches = BatchSampler(data, cfg, device, caption_dropout)
-    if resume_from is not None:
-        batches.load_state(resume_from.sampler)
-    losses: list[float] = []
-    window: list[float] = []  # losses since the last checkpoint
-    # disable=None: a live bar on a terminal, no bar in logs and CI.
-    bar = tqdm(total=steps, initial=start, desc="train", unit="step", disable=None if progress else True, dynamic_ncols=True)
-    try:
-        for step in range(start + 1, steps + 1):
-            micro_losses = []
-            for _ in range(cfg.grad_accum):  # micro-batches: gradients add up, the mean is the step's
-                loss = flow_matching_loss(transformer, batches.next(), device)
-                accelerator.backward(loss / cfg.grad_accum)
-                micro_losses.append(loss.detach())
-            if cfg.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(lora_params, cfg.max_grad_norm)
-            optimizer.step()  # once per optimizer step
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = torch.stack(micro_losses).mean().item()  # one device sync per step
-            lr = lr_scheduler.get_last_lr()[0]
-            if not math.isfinite(step_loss):
-                reason = f"non-finite training loss ({step_loss}) at step {step}"
-                tracker.log_metrics({"train/nonfinite_step": step}, step=step)
-                return TrainResult("diverged", step, reason, losses)
-            losses.append(step_loss)
-            window.append(step_loss)
-            tracker.log_metrics({"train/loss": step_loss, "train/lr": lr}, step=step)
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
-            if step in checkpoint_steps and on_checkpoint is not None:
-                event = CheckpointEvent(step=step, loss=sum(window) / len(window), lr=lr)
-                window = []
-                transformer.eval()
-                stop = on_checkpoint(event, accelerator.unwrap_model(transformer))
-                transformer.train()
-                if stop:
-                    return TrainResult("stopped", step, f"stopped by the checkpoint callback at step {step}", losses)
-        if save_state_to is not None:
-            save_train_state(save_state_to, TrainState(
-                step=steps, lora=dict(zip(lora_names(accelerator.unwrap_model(transformer), lora_params), (p.detach().cpu().clone() for p in lora_params))),
-                optimizer=optimizer.state_dict(), scheduler=lr_scheduler.state_dict(), sampler=batches.state()))
-        return TrainResult("finished", steps, None, losses)
-    finally:
-        bar.close()
-        tracker.flush()
-        transformer.eval()
-
-
-def flow_matching_loss(transformer: torch.nn.Module, batch: "Batch", device: str) -> torch.Tensor:
-    """One rectified-flow loss on a batch of cached latents."""
-    return fm.flow_loss(*flow_matching_prediction(transformer, batch, device))
-
-
-def flow_matching_prediction(transformer: torch.nn.Module, batch: "Batch", device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prediction, target) of the velocity on a batch of cached latents. Shapes for B images,
-    h x w latent patches, C = 4 x latent channels, L text tokens, D text width:
-    latents (B, C, h, w) -> tokens (B, h*w, C); prompt_embeds (B, L, D); both results (B, h*w, C)."""
-    from diffusers import Flux2KleinPipeline
-
-    x0 = batch.latents
-    noisy = fm.add_noise(x0, batch.noise, batch.sigmas)
-    tokens = Flux2KleinPipeline._pack_latents(noisy)
-    target = Flux2KleinPipeline._pack_latents(fm.velocity_target(x0, batch.noise))
-    img_ids = Flux2KleinPipeline._prepare_latent_ids(x0).to(device)
-    txt_ids = Flux2KleinPipeline._prepare_text_ids(batch.prompt_embeds).to(device)
-    pred = transformer(
-        hidden_states=tokens,
-        encoder_hidden_states=batch.prompt_embeds,
-        timestep=batch.sigmas,  # the transformer scales by 1000 itself
-        img_ids=img_ids,
-        txt_ids=txt_ids,
-        guidance=None,
-        return_dict=False,
-    )[0]
-    return pred[:, : tokens.shape[1]], target
-
-
-@dataclass
-class Batch:
-    latents: torch.Tensor  # (B, C, h, w)
-    prompt_embeds: torch.Tensor  # (B, L, D)
-    noise: torch.Tensor  # (B, C, h, w)
-    sigmas: torch.Tensor  # (B,)
-
-
-class BatchSampler:
-    """Shuffled epochs over the cached data, with caption dropout, noise and noise levels all
-    drawn from one seeded CPU generator: the same seed gives the same run on any device."""
-
-    def __init__(self, data: EncodedData, cfg: TrainConfig, device: str, caption_dropout: float = 0.0):
-        self.data, self.cfg, self.device, self.caption_dropout = data, cfg, device, caption_dropout
-        self.gen = torch.Generator().manual_seed(cfg.seed)
-        self.order: list[int] = []
-
-    def state(self) -> dict:
-        """Where the sampler stands: its generator and the rest of the current epoch."""
-        return {"generator": self.gen.get_state(), "order": list(self.order)}
-
-    def load_state(self, state: dict) -> None:
-        self.gen.set_state(state["generator"])
-        self.order = [int(i) for i in state["order"]]
-
-    def next(self) -> Batch:
-        cfg, n = self.cfg, self.data.latents.shape[0]
-        idx = []
-        while len(idx) < cfg.batch_size:
-            if not self.order:
-                self.order = torch.randperm(n, generator=self.gen).tolist()
-            idx.append(self.order.pop())
-        latents = self.data.latents[idx].float()
-        embeds = self.data.prompt_embeds[idx].float().clone()
-        if self.caption_dropout > 0:
-            drop = torch.rand(len(idx), generator=self.gen) < self.caption_dropout
-            embeds[drop] = self.data.empty_prompt_embeds.float()
-        noise = torch.randn(latents.shape, generator=self.gen)
-        sigmas = fm.sample_sigmas(
-            len(idx),
-            cfg.timestep_sampling,
-            logit_mean=cfg.logit_mean,
-            logit_std=cfg.logit_std,
-            shift=cfg.timestep_shift,
-            generator=self.gen,
-        )
-        to = dict(device=self.device)
-        return Batch(latents.to(**to), embeds.to(**to), noise.to(**to), sigmas.to(**to))
+    """One LoRA, the one-lane case of `train_lanes`: the LoRA already injected into
+    `transformer` (its parameters `lora_params`) trained up to optimizer step `steps`."""
+    adapters = LaneAdapters(transformer, 1)
+    if {id(p) for p in lora_params} != {id(p) for p in adapters.adapter}:
+        raise ValueError("lora_params are not the parameters of the transformer's adapter 'default'")
+    callback = (lambda lane, event, model: on_checkpoint(event, model)) if on_checkpoint is not None else None
+    return train_lanes(transformer, adapters, [LaneSpec(cfg.lr, tracker, resume_from, save_state_to)], data, cfg, steps=steps,
+                       device=device, checkpoints=checkpoints, on_checkpoint=callback, caption_dropout=caption_dropout,
+                       progress=progress)[0]
 
 
 def _mixed_precision(cfg: TrainConfig, device: str) -> str:

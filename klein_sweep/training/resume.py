@@ -46,15 +46,3 @@ def load_train_state(path: Path) -> TrainState:
     raw = torch.load(path, map_location="cpu", weights_only=True)
     return TrainState(step=int(raw["step"]), lora=raw["lora"], optimizer=raw["optimizer"], scheduler=raw["scheduler"],
                       sampler=raw["sampler"])
-
-
-def restore_lora(transformer: torch.nn.Module, params: list[torch.nn.Parameter], state: TrainState) -> None:
-    """Copy the saved weights into the injected LoRA; the names must match one to one (same
-    rank, targets and model), or the state belongs to another training."""
-    names = lora_names(transformer, params)
-    if sorted(names) != sorted(state.lora):
-        missing = sorted(set(names) ^ set(state.lora))[:3]
-        raise ValueError(f"saved training state does not fit this LoRA (differs in {missing} ...): other rank, targets or model")
-    with torch.no_grad():
-        for name, p in zip(names, params):
-            p.copy_(state.lora[name].to(p.device, p.dtype))
