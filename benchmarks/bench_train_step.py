@@ -183,9 +183,9 @@ def main(argv=None) -> int:
     transformer, text_tokens = build_transformer(args.model, device)
     n_params = sum(p.numel() for p in transformer.parameters())
     if args.quantize != "none":
-        from klein_sweep.models.loading import quantize_transformer
+        from klein_sweep.models.loading import quantize_weights
 
-        quantize_transformer(transformer, args.quantize, device)
+        quantize_weights(transformer, args.quantize, device)
         if device == "cuda":
             torch.cuda.empty_cache()
     lora = inject_lora(transformer, rank=args.rank, alpha=args.rank, preset="attn")

@@ -30,11 +30,11 @@ def test_quantized_layers_carry_the_lora_and_get_gradients():
     import torch
 
     from klein_sweep.lora.adapters import inject_lora
-    from klein_sweep.models.loading import quantize_transformer
+    from klein_sweep.models.loading import quantize_weights
     from klein_sweep.models.tiny import build_tiny_pipeline
 
     transformer = build_tiny_pipeline(seed=0).transformer.requires_grad_(False)
-    quantize_transformer(transformer, "int8", "cpu")
+    quantize_weights(transformer, "int8", "cpu")
     assert "int8" in type(transformer.transformer_blocks[0].attn.to_q.weight).__name__.lower()
     params = inject_lora(transformer, rank=4, alpha=4, preset="attn")
     with torch.no_grad():

@@ -3,9 +3,11 @@ one? With `eval.also_distilled`, every checkpoint's LoRA is also loaded into the
 (after the compatibility check) and evaluated there with the distilled recipe (4 steps, no CFG),
 logged as eval_distilled/*.
 
-The distilled Klein models share the base's text encoder and VAE, so the cached prompt
-embeddings serve both. On CUDA only one transformer sits on the GPU at a time: the base goes to
-the CPU while the distilled one samples (a 9B pair would not fit 24 GB together).
+The distilled Klein models share the base's text encoder and VAE, so only the distilled
+transformer is loaded: the cached prompt embeddings serve both, the base's VAE decodes both. Only
+one transformer sits on the accelerator at a time: the distilled one waits on the host and
+visits only to sample, while the base (being trained) waits on the host (a 9B pair would not fit
+24 GB together; models/placement.py).
 """
 
 from __future__ import annotations
@@ -45,45 +47,43 @@ def distilled_model_config(settings: Settings) -> ModelConfig:
 
 
 class DistilledEvaluator:
-    """The distilled pipeline, its own no-LoRA reference, and per-checkpoint evaluation of the
-    training transformer's current LoRA on it."""
+    """The distilled transformer on the base's VAE, its own no-LoRA reference, and per-checkpoint
+    evaluation of the training transformer's current LoRA on it."""
 
-    def __init__(self, settings: Settings, base_pipe, encoded, examples, runtime):
-        from klein_sweep.data.encoding import release_text_encoder, release_vae_encoder
+    def __init__(self, settings: Settings, base_pipe, encoded, examples, runtime, placement=None):
+        import copy
+
+        from diffusers import Flux2KleinPipeline
+
         from klein_sweep.evaluation.evaluator import CheckpointEvaluator
-        from klein_sweep.models.loading import load_pipeline
+        from klein_sweep.models.loading import load_transformer
+        from klein_sweep.models.placement import Placement
 
         self.model = distilled_model_config(settings)
         self.runtime = runtime
         self.base_pipe = base_pipe
-        self.offload = runtime.device == "cuda"
-        self.pipe = load_pipeline(self.model, runtime)
-        release_text_encoder(self.pipe)  # prompts come from the shared cache
-        release_vae_encoder(self.pipe)
+        self.placement = placement or Placement(runtime.device)
+        transformer = load_transformer(self.model, runtime)  # on the host until it samples
+        self.pipe = Flux2KleinPipeline(scheduler=copy.deepcopy(base_pipe.scheduler), vae=base_pipe.vae, text_encoder=None,
+                                       tokenizer=None, transformer=transformer, is_distilled=self.model.is_distilled)
         recipe_settings = dataclasses.replace(  # the distilled model's own settings: its samples' cache key
             settings, model=self.model,
             eval=dataclasses.replace(settings.eval, sample_steps=DISTILLED_STEPS, guidance_scale=DISTILLED_GUIDANCE),
         )
-        self.evaluator = CheckpointEvaluator(recipe_settings, self.pipe, encoded, examples)
-        if self.offload:
-            self.pipe.transformer.to("cpu")  # on the GPU only while it samples
+        self.evaluator = CheckpointEvaluator(recipe_settings, self.pipe, encoded, examples, self.placement, stage_prefix="distilled ")
         with self._sampling():
             self.base = self.evaluator.compute_base()
         self.tmp = tempfile.TemporaryDirectory(prefix="klein-distilled-")
 
     @contextlib.contextmanager
     def _sampling(self):
-        """On CUDA: the distilled transformer on the GPU, the base (being trained) on the CPU."""
-        if not self.offload:
-            yield
-            return
-        self.base_pipe.transformer.to("cpu")
-        self.pipe.transformer.to(self.runtime.device)
+        """The distilled transformer on the accelerator, the base (being trained) on the host."""
+        self.placement.to_host("transformer", self.base_pipe.transformer)
         try:
-            yield
+            with self.placement.visiting("distilled_transformer", self.pipe.transformer):
+                yield
         finally:
-            self.pipe.transformer.to("cpu")
-            self.base_pipe.transformer.to(self.runtime.device)
+            self.placement.to_device("transformer", self.base_pipe.transformer)
 
     def evaluate(self, trained_transformer) -> dict[str, float]:
         """The current LoRA of `trained_transformer`, checked, loaded into the distilled model,
@@ -91,8 +91,7 @@ class DistilledEvaluator:
         from klein_sweep.lora.io import save_lora
         from klein_sweep.lora.compat import load_checked_lora
 
-        # Through the file, as a user would ship it: its metadata carries alpha, which a bare
-        # state dict would lose (an alpha != rank LoRA would load at the wrong strength).
+        # Through the file, as a user would ship it: its metadata carries alpha.
         lora_file = save_lora(trained_transformer, Path(self.tmp.name))
         load_checked_lora(self.pipe, lora_file, self.model.name, adapter_name="checkpoint")
         try:

@@ -21,6 +21,14 @@ warnings.filterwarnings("ignore", message=".*will save all extracted features in
 warnings.filterwarnings("ignore", message=".*degrees of freedom is <= 0.*")
 
 
+def network_output(net: FeatureNetwork, kind: str, images: torch.Tensor) -> torch.Tensor:
+    """net.embed / logits / identity of `images`, run where the network is (the accelerator while
+    evaluating, models/placement.py), returned on the CPU in float32."""
+    param = next(net.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    return getattr(net, kind)(images.to(device)).float().cpu()
+
+
 class _Embedder(torch.nn.Module):
     """Adapts a FeatureNetwork to torchmetrics' `feature=` argument."""
 
@@ -30,7 +38,7 @@ class _Embedder(torch.nn.Module):
         self.num_features = net.num_features
 
     def forward(self, images):
-        out = self.net.logits(images) if self.use_logits else self.net.embed(images)
+        out = network_output(self.net, "logits" if self.use_logits else "embed", images)
         return out.double() if not self.use_logits else out
 
 
@@ -76,8 +84,8 @@ def identity_similarity(net: FeatureNetwork, generated: torch.Tensor, reference:
     """Mean cosine similarity over all (generated, reference) pairs (DreamBooth's DINO/CLIP-I).
     A network may embed an image as NaN (ArcFace: no face found): such a reference image is left
     out, such a generated image counts as similarity 0 (a miss, not a pass)."""
-    g = F.normalize(net.identity(generated), dim=1)
-    r = F.normalize(net.identity(reference), dim=1)
+    g = F.normalize(network_output(net, "identity", generated), dim=1)
+    r = F.normalize(network_output(net, "identity", reference), dim=1)
     r = r[~torch.isnan(r).any(dim=1)]
     if len(r) == 0:
         return float("nan")
@@ -86,7 +94,7 @@ def identity_similarity(net: FeatureNetwork, generated: torch.Tensor, reference:
 
 def mean_pairwise_similarity(net: FeatureNetwork, images: torch.Tensor) -> float:
     """Mean cosine between distinct samples' features: near 1 when diversity is gone."""
-    e = F.normalize(net.embed(images), dim=1)
+    e = F.normalize(network_output(net, "embed", images), dim=1)
     sim = e @ e.T
     n = len(images)
     return float((sim.sum() - sim.diagonal().sum()) / max(1, n * (n - 1)))

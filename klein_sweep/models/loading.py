@@ -62,7 +62,8 @@ def model_cache_id(model: ModelConfig) -> str:
             for f in sorted((MINI_PIPELINE_DIR / part).glob(pattern)):
                 digest.update(f.read_bytes())
         return f"mini-{digest.hexdigest()[:16]}"
-    return f"{model_source(model)}@{model.revision or 'main'}"
+    quantized = f"+{model.quantize}" if model.quantize != "none" else ""  # the text encoder is quantised with the base
+    return f"{model_source(model)}@{model.revision or 'main'}{quantized}"
 
 
 def transformer_id(model: ModelConfig) -> str:
@@ -83,7 +84,10 @@ def transformer_id(model: ModelConfig) -> str:
 
 
 def load_pipeline(model: ModelConfig, runtime: Runtime):
-    """The full pipeline (transformer, VAE, text encoder, tokenizer, scheduler) on `runtime`."""
+    """The full pipeline (transformer, VAE, text encoder, tokenizer, scheduler) in `runtime`'s
+    dtype, on the host: models/placement.py moves each part to the accelerator for the stage
+    that needs it (a 9B's text encoder and transformer never sit there together). Quantisation
+    happens here, before anything moves."""
     if model.kind == "tiny":
         from klein_sweep.models.tiny import build_tiny_pipeline
 
@@ -95,13 +99,53 @@ def load_pipeline(model: ModelConfig, runtime: Runtime):
     pipe.register_to_config(is_distilled=model.is_distilled)
     if pipe.transformer.dtype != runtime.dtype:  # from_pretrained already loaded in runtime.dtype
         pipe.to(dtype=runtime.dtype)
-    pipe.to(runtime.device)
     if model.quantize != "none":
-        quantize_transformer(pipe.transformer, model.quantize, runtime.device)
+        quantize_weights(pipe.transformer, model.quantize, runtime.device)
+        # The text encoder too, for the few seconds it encodes: a 9B's Qwen3-8B is 16 GB in bf16,
+        # too much for the 16 GB cards a quantised base is for. Its embeddings are cached under a
+        # key that names the quantisation.
+        quantize_weights(pipe.text_encoder, model.quantize, runtime.device)
     for part in (pipe.transformer, pipe.vae, pipe.text_encoder):
         part.requires_grad_(False)
         part.eval()
     return pipe
+
+
+def load_transformer(model: ModelConfig, runtime: Runtime):
+    """The model's transformer alone, on the host in `runtime`'s dtype (quantised when asked):
+    the distilled evaluation needs no second text encoder or VAE (the prompts are cached, the
+    base's VAE decodes)."""
+    from diffusers import Flux2Transformer2DModel
+
+    if model.kind == "tiny":
+        from klein_sweep.models.tiny import build_tiny_pipeline
+
+        transformer = build_tiny_pipeline(model.seed).transformer
+    elif model.kind == "mini":
+        folder = MINI_DISTILLED_DIR if model.is_distilled else MINI_PIPELINE_DIR / "transformer"
+        if not (folder / "config.json").exists():
+            raise ModelError(f"the mini transformer is missing from {folder}; build it with python -m klein_sweep.mini.build"
+                             + (" --only distilled" if model.is_distilled else ""))
+        transformer = Flux2Transformer2DModel.from_pretrained(folder, torch_dtype=runtime.dtype, local_files_only=True)
+    else:
+        source = model_source(model)
+        try:
+            transformer = Flux2Transformer2DModel.from_pretrained(source, subfolder="transformer", revision=model.revision,
+                                                                  torch_dtype=runtime.dtype, token=os.environ.get("HF_TOKEN") or None)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"could not load the transformer of model '{model.name}' from {source}: {exc.__class__.__name__}: "
+                             f"{str(exc).splitlines()[0]}. Download it once ({download_command(model, source)}) "
+                             "and set its path") from exc
+    transformer.to(dtype=runtime.dtype)
+    if model.quantize != "none":
+        quantize_weights(transformer, model.quantize, runtime.device)
+    transformer.requires_grad_(False).eval()
+    return transformer
+
+
+def download_command(model: ModelConfig, source: str | None = None) -> str:
+    """The command that fetches the model's weights into a local folder."""
+    return f"hf download {KNOWN_MODELS.get(model.name, source or 'ORG/NAME')} --local-dir DIR"
 
 
 def _load_mini(runtime: Runtime, distilled: bool = False):
@@ -136,7 +180,7 @@ def _load_pretrained(model: ModelConfig, runtime: Runtime):
         where = f"the folder {source}" if local else f"the hub id {source}"
         raise ModelError(
             f"could not load model '{model.name}' from {where}: {exc.__class__.__name__}: {str(exc).splitlines()[0]}. "
-            f"Download it once (huggingface-cli download {KNOWN_MODELS.get(model.name, source)} --local-dir DIR) "
+            f"Download it once ({download_command(model, source)}) "
             f"and set model.path=DIR"
         ) from exc
 
@@ -176,13 +220,15 @@ def transformer_skeleton(model: ModelConfig):
         return Flux2Transformer2DModel.from_config(transformer_config(model))
 
 
-def quantize_transformer(transformer, mode: str, device: str) -> None:
-    """Weight-only quantization of the frozen transformer in place (torchao). Its Linear layers
-    keep working with peft: the LoRA trains in float32 on top of the quantized base."""
+def quantize_weights(module, mode: str, device: str) -> None:
+    """Weight-only quantization of a frozen module's Linear layers in place (torchao), where it is
+    (the host, before it moves: only the quantised weights ever reach the accelerator). `device`
+    is where it will run. A quantised transformer keeps working with peft: the LoRA trains in
+    float32 on top of the quantized base."""
     try:
         from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
     except ImportError as exc:
         raise ModelError(f"model.quantize={mode} needs torchao: pip install 'klein_sweep[quant]' ({exc})") from exc
     if mode == "fp8" and device != "cuda":
         raise ModelError("model.quantize=fp8 needs a CUDA GPU with fp8 support (Ada/Hopper or newer); use int8 elsewhere")
-    quantize_(transformer, Int8WeightOnlyConfig() if mode == "int8" else Float8WeightOnlyConfig())
+    quantize_(module, Int8WeightOnlyConfig() if mode == "int8" else Float8WeightOnlyConfig())

@@ -4,8 +4,9 @@ nothing is downloaded, and speed, memory, shapes and dtypes do not depend on the
     build_random_klein("9b")                                 full depth (8 double, 24 single, 36 text layers)
     build_random_klein("9b", double=1, single=1, text_layers=2)   real widths, reduced depth (CPU smoke)
 
-The tokenizer is the tiny byte-level one (the real Qwen vocabulary is a download); it changes
-the embedding table's size, nothing downstream of it. `save_random_klein` writes the pipeline as
+The text encoder has the real vocabulary size (its embedding table is 0.6B of the 9B's 8B text
+encoder: memory figures need it); the tokenizer is the tiny word-level one (the real Qwen
+tokenizer is a download), whose ids all fall inside that table. `save_random_klein` writes the pipeline as
 a local model folder, so it loads through the same `from_pretrained` path as downloaded weights.
 """
 
@@ -43,8 +44,7 @@ def build_random_klein(size: str, double: int | None = None, single: int | None 
         torch.set_default_dtype(dtype)
     try:
         with torch.device(device or "cpu"):
-            text_encoder = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tokenizer), max_position_embeddings=4096,
-                                                        tie_word_embeddings=True, **text)).to(**kwargs).eval()
+            text_encoder = Qwen3ForCausalLM(Qwen3Config(max_position_embeddings=4096, **text)).to(**kwargs).eval()
             vae = AutoencoderKLFlux2().to(**kwargs).eval()  # the class defaults are the real VAE's config
             transformer = Flux2Transformer2DModel(**config).to(**kwargs).eval()
     finally:

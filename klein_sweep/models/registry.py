@@ -34,13 +34,16 @@ KLEIN_TRANSFORMER_CONFIGS = {
 _KLEIN_COMMON = dict(patch_size=1, in_channels=128, mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32), rope_theta=2000,
                      timestep_guidance_channels=256, guidance_embeds=False)
 
-# The Qwen3 text encoders' published shapes (Klein 9B: Qwen3-8B, 4B: Qwen3-4B); three hidden
-# layers stacked give the transformer's joint_attention_dim (3 x 4096 = 12288, 3 x 2560 = 7680).
+# The Qwen3 text encoders' published shapes (Klein 9B: Qwen3-8B, 4B: Qwen3-4B), with the real
+# vocabulary (its embedding table is 0.6B of the 8B); three hidden layers stacked give the
+# transformer's joint_attention_dim (3 x 4096 = 12288, 3 x 2560 = 7680). Qwen3-8B has its own
+# output head, Qwen3-4B ties it to the embedding.
+QWEN3_VOCAB_SIZE = 151936
 KLEIN_TEXT_ENCODER_CONFIGS = {
     "9b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
-               num_key_value_heads=8, head_dim=128),
+               num_key_value_heads=8, head_dim=128, vocab_size=QWEN3_VOCAB_SIZE, tie_word_embeddings=False),
     "4b": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
-               num_key_value_heads=8, head_dim=128),
+               num_key_value_heads=8, head_dim=128, vocab_size=QWEN3_VOCAB_SIZE, tie_word_embeddings=True),
 }
 
 # The mini Klein shipped inside the package (klein_sweep/mini), loaded with from_pretrained.
