@@ -101,6 +101,7 @@ def run_single_trial(settings: Settings, resolved_yaml: str) -> None:
 
     check_settings(settings)  # before the model loads or anything is written
     plan = resolve_plan(settings)
+    log_prompt_source(settings)
     log.info(
         "%d images, %d steps, %.1f repeats per image (batch %d x grad_accum %d)",
         len(plan.examples), plan.steps, plan.repeats_per_image, settings.train.batch_size, settings.train.grad_accum,
@@ -168,11 +169,18 @@ def run_sweep_command(settings: Settings, resolved: dict) -> None:
     plan = plan_sweep(settings, resolved)
     for note in plan.notes:
         log.info(note)
+    log_prompt_source(settings)
     if settings.sweep.dry_run:
         from klein_sweep.cost.preview import estimate_sweep_cost, render_cost, write_cost
 
+        from klein_sweep.evaluation.plan import describe_evaluation
+        from klein_sweep.training.loop import checkpoint_schedule
+
         cost = estimate_sweep_cost(plan)
         print(render_cost(cost, plan.study_name))
+        t = settings.train
+        checkpoints = plan.step_values if plan.steps_are_checkpoints else checkpoint_schedule(t.steps, t.checkpoint_every, [])
+        print(describe_evaluation(settings, checkpoints))
         print(f"written to {write_cost(cost, plan.output_dir.absolute())}; no study or MLflow run was created")
         return
     from klein_sweep.sweep.study import check_storage
@@ -195,6 +203,15 @@ def run_sweep_command(settings: Settings, resolved: dict) -> None:
         print(f"MLflow experiment '{plan.study_name}', parent run {summary.parent_run_id}; browse with: mlflow ui --backend-store-uri {redact(settings.tracking.uri)}")
         if summary.experiment_id:
             print(f"  the trials with their states: http://127.0.0.1:5000/{runs_view_route(summary.experiment_id)}")
+
+
+def log_prompt_source(settings: Settings) -> None:
+    """A real model's evaluation prompts: the class word used, and where it came from."""
+    from klein_sweep.evaluation.prompts import prompt_note
+
+    note = prompt_note(settings)
+    if note:
+        log.info(note)
 
 
 def open_tracker(settings: Settings, run_name: str):

@@ -4,7 +4,7 @@ are a checked contract: one JSON codec here, with a version, and nowhere else.
 
 Stored as Optuna user attributes (one per field, so optuna-dashboard shows them readably):
 
-    trial   record_version, state, steps, collapse_step, best_step, base, base_distilled,
+    trial   record_version, state, steps, collapse_step, best_step, base, base_full, base_distilled,
             train_seconds, eval_seconds, checkpoints (a list of CheckpointRow),
             validation (a list of ValidationPoint: the dense validation losses)
             + the queue's own: cell, worker, failure_reason, interrupted, duplicate_of,
@@ -24,7 +24,9 @@ from typing import Any
 
 from klein_sweep.errors import KleinSweepError
 
-RECORD_VERSION = 1
+# 2: the base statistics carry the training images' own (the collapse rules are relative to both),
+#    a screened trial keeps the full recipe's base statistics beside the screening's
+RECORD_VERSION = 2
 
 # The eval metrics of one evaluation (keys without the `eval/` prefix): what a CheckpointRow's
 # `metrics` and its strength / full / distilled evaluations may hold.
@@ -42,6 +44,7 @@ class Attr:
     COLLAPSE_STEP = "collapse_step"
     BEST_STEP = "best_step"
     BASE = "base"
+    BASE_FULL = "base_full"
     BASE_DISTILLED = "base_distilled"
     TRAIN_SECONDS = "train_seconds"
     EVAL_SECONDS = "eval_seconds"
@@ -124,10 +127,17 @@ class CheckpointRow:
     distilled: dict[str, float] | None = None  # the same LoRA on the distilled model
 
     def value(self, key: str) -> float | None:
-        """A figure by name: loss, lora_norm, lr, repeats, or an eval metric."""
+        """A figure by name: loss, lora_norm, lr, repeats, or an eval metric - the full
+        evaluation's where it ran (with screening), the checkpoint's own evaluation otherwise."""
         if key in ("loss", "lora_norm", "lr", "repeats"):
             return getattr(self, key)
-        return self.metrics.get(key)
+        return self.judged_metrics.get(key)
+
+    @property
+    def judged_metrics(self) -> dict[str, float]:
+        """The values the collapse rules and the best checkpoint judge: the full evaluation's
+        where it ran, the checkpoint's own otherwise."""
+        return self.full if self.full is not None else self.metrics
 
     @property
     def evaluated(self) -> bool:
@@ -191,13 +201,18 @@ class ValidationPoint:
 
 @dataclass
 class BaseStats:
-    """What the base model (no LoRA) scores on the eval prompts: the yardstick for underfit,
-    leak and degenerate images, and the prior-KID noise floor."""
+    """What the base model (no LoRA) and the training images measure on one evaluation recipe,
+    before any LoRA exists: the two ends of every collapse rule's scale (evaluation/collapse.py).
+    Identity-like figures are cosines of the identity network, KIDs of the feature network."""
 
-    id_sim: float | None = None
-    leak: float | None = None
-    degenerate: float | None = None
-    prior_kid_noise: float | None = None
+    id_sim: float | None = None  # base's trigger samples vs the training images
+    leak: float | None = None  # base's prior (no-trigger) samples vs the training images
+    degenerate: float | None = None  # share of the base's samples that are flat, noise or NaN
+    prior_kid_noise: float | None = None  # KID of the base's prior samples against other seeds: |mean| + 3 std
+    reference_id_sim: float | None = None  # the training images vs each other (every pair, each with itself too)
+    reference_sample_sim: float | None = None  # the training images' mean pairwise similarity (their own variety)
+    kid: float | None = None  # KID of the base's trigger samples vs the training images
+    prior_reference_kid: float | None = None  # KID of the base's prior samples vs the training images
     model: str | None = None  # set for the distilled model's reference
 
     def to_json(self) -> dict[str, Any]:
@@ -220,7 +235,8 @@ class TrialRecord:
     rows: list[CheckpointRow]
     collapse_step: int | None = None
     best_step: int | None = None
-    base: BaseStats | None = None
+    base: BaseStats | None = None  # on the recipe of the checkpoints' own evaluation (screening, when on)
+    base_full: BaseStats | None = None  # with screening: on the full recipe, which judges collapse
     base_distilled: BaseStats | None = None
     train_seconds: float | None = None
     eval_seconds: float | None = None
@@ -236,6 +252,7 @@ def encode_trial(record: TrialRecord) -> dict[str, Any]:
         Attr.COLLAPSE_STEP: record.collapse_step,
         Attr.BEST_STEP: record.best_step,
         Attr.BASE: record.base.to_json() if record.base else None,
+        Attr.BASE_FULL: record.base_full.to_json() if record.base_full else None,
         Attr.BASE_DISTILLED: record.base_distilled.to_json() if record.base_distilled else None,
         Attr.TRAIN_SECONDS: record.train_seconds,
         Attr.EVAL_SECONDS: record.eval_seconds,
@@ -262,6 +279,7 @@ def decode_trial(attrs: dict[str, Any], where: str = "trial") -> TrialRecord | N
         collapse_step=attrs.get(Attr.COLLAPSE_STEP),
         best_step=attrs.get(Attr.BEST_STEP),
         base=BaseStats.from_json(attrs.get(Attr.BASE)),
+        base_full=BaseStats.from_json(attrs.get(Attr.BASE_FULL)),
         base_distilled=BaseStats.from_json(attrs.get(Attr.BASE_DISTILLED)),
         train_seconds=attrs.get(Attr.TRAIN_SECONDS),
         eval_seconds=attrs.get(Attr.EVAL_SECONDS),

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from klein_sweep.training import flow_matching as fm
@@ -44,3 +45,52 @@ def test_loss_zero_iff_prediction_matches():
     t = torch.randn(2, 5, 3)
     assert fm.flow_loss(t, t).item() == 0.0
     assert abs(fm.flow_loss(t + 1.0, t).item() - 1.0) < 1e-6
+
+
+def test_the_auto_shift_is_the_pipelines_own():
+    """train.timestep_shift=auto trains on the shift FLUX.2's pipeline samples with: exp(mu) of
+    diffusers' compute_empirical_mu, at the image's token count and the model's steps."""
+    import math
+
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+    for tokens, steps in [(4096, 50), (1024, 50), (64, 12), (5000, 50), (16, 4)]:
+        assert fm.empirical_shift(tokens, steps) == pytest.approx(math.exp(compute_empirical_mu(tokens, steps)), rel=1e-9)
+
+
+def test_each_model_trains_on_its_resolved_shift(tmp_path):
+    from PIL import Image
+
+    from klein_sweep.config import ConfigError, build_settings, compose_config
+    from klein_sweep.training.trial import resolve_timestep_shift
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (1024, 1024), "white").save(folder / "a.png")
+
+    def shift(*overrides):
+        return resolve_timestep_shift(build_settings(compose_config(list(overrides))))
+
+    real = ["model=flux2_klein_base_9b", "data=folder", f"data.path={folder}"]
+    assert shift(*real) == pytest.approx(7.5636, abs=1e-3)  # 1024 px = 4096 tokens at the base's 50 steps
+    assert shift(*real, "data.resolution=512") == pytest.approx(fm.empirical_shift(1024, 50), abs=1e-3)
+    assert shift(*real, "train.timestep_shift=3") == 3.0
+    assert shift() == 1.0  # the mini world keeps shift 1 (docs/design.md: the boundary moves under auto)
+    assert shift("train.timestep_shift=auto") == pytest.approx(fm.empirical_shift(64, 12), abs=1e-3)  # 32 px, 12 steps
+    with pytest.raises(ConfigError, match="train.timestep_shift"):
+        build_settings(compose_config(["train.timestep_shift=fast"]))
+
+
+def test_a_shift_moves_training_towards_noise():
+    from klein_sweep.config import TrainConfig
+    from klein_sweep.data.encoding import EncodedData
+    from klein_sweep.training.loop import BatchSampler
+
+    data = EncodedData(latents=torch.zeros(4, 4, 2, 2), prompt_embeds=torch.zeros(4, 3, 8), empty_prompt_embeds=torch.zeros(3, 8))
+
+    def mean_sigma(shift):
+        sampler = BatchSampler(data, TrainConfig(batch_size=4, timestep_shift=shift), "cpu")
+        return torch.cat([sampler.next().sigmas for _ in range(200)]).mean().item()
+
+    assert mean_sigma(None) == pytest.approx(0.5, abs=0.03)  # logit-normal around the middle
+    assert mean_sigma(7.56) > 0.8

@@ -32,7 +32,9 @@ def sample_record() -> TrialRecord:
         CheckpointRow(step=1500),  # not evaluated, not judged: every optional part missing
     ]
     return TrialRecord(state="collapsed", steps=1500, rows=rows, collapse_step=1000, best_step=500,
-                       base=BaseStats(id_sim=0.5, leak=0.39, degenerate=0.0, prior_kid_noise=0.004),
+                       base=BaseStats(id_sim=0.5, leak=0.39, degenerate=0.0, prior_kid_noise=0.004, reference_id_sim=0.93,
+                                      reference_sample_sim=0.7, kid=0.4, prior_reference_kid=0.6),
+                       base_full=BaseStats(id_sim=0.52, leak=0.37, reference_id_sim=0.93),
                        base_distilled=BaseStats(id_sim=0.48, model="flux2_klein_9b"), train_seconds=12.5, eval_seconds=3.25)
 
 
@@ -45,12 +47,13 @@ def test_round_trip_keeps_every_field_nan_and_missing_metrics():
     record = sample_record()
     back = decode_trial(stored(encode_trial(record)))
     assert back.state == "collapsed" and back.steps == 1500 and back.collapse_step == 1000 and back.best_step == 500
-    assert back.base == record.base and back.base_distilled.model == "flux2_klein_9b"
+    assert back.base == record.base and back.base_full == record.base_full and back.base_distilled.model == "flux2_klein_9b"
     first, diverged, bare = back.rows
     assert first == record.rows[0]  # metrics, scales with their verdict, full and distilled
     assert math.isnan(diverged.loss) and diverged.lora_norm == math.inf and diverged.reason == "non-finite loss"
     assert bare.metrics == {} and not bare.evaluated and bare.state is None and bare.full is None
-    assert first.value("id_sim") == 0.61 and first.value("loss") == 0.41 and first.value("fid") is None
+    # value(): the full evaluation's figure where it ran, the checkpoint's own otherwise
+    assert first.metrics["id_sim"] == 0.61 and first.value("id_sim") == 0.63 and first.value("loss") == 0.41 and first.value("fid") is None
 
 
 def test_attributes_are_separate_and_readable():
@@ -61,7 +64,7 @@ def test_attributes_are_separate_and_readable():
 
 def test_unknown_version_and_unknown_metric_are_refused():
     attrs = stored(encode_trial(sample_record()))
-    with pytest.raises(RecordError, match=r"trial 7: record version 99, this klein_sweep reads version 1"):
+    with pytest.raises(RecordError, match=r"trial 7: record version 99, this klein_sweep reads version 2"):
         decode_trial({**attrs, Attr.VERSION: 99}, where="trial 7")
     with pytest.raises(RecordError, match="version None"):
         decode_trial({k: v for k, v in attrs.items() if k != Attr.VERSION})

@@ -116,7 +116,7 @@ def test_a_continuation_measures_the_trigger_from_the_training_it_continues(tmp_
             raise AssertionError(f"a sampled evaluation was triggered at step {step}")
 
     class Policy:
-        base = base_distilled = None
+        base = base_full = base_distilled = None
 
         def __init__(self, prior_loss):
             self.prior_loss = prior_loss

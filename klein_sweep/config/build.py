@@ -53,7 +53,9 @@ def build_settings(cfg: dict[str, Any], output_dir: str | None = None, origin: s
         parts["sweep"] = build_dataclass(SweepConfig, sweep, prefix="sweep")
     if "data" in parts and "model" in parts and "eval" in parts:
         from klein_sweep.config.recipes import resolve_eval_recipe
+        from klein_sweep.evaluation.prompts import resolve_prompts
 
+        parts["eval"] = resolve_prompts(parts["eval"], parts["model"], parts["data"])
         parts["eval"] = resolve_eval_recipe(parts["eval"], parts["model"], parts["data"])
     return Settings(**parts, output_dir=output_dir)
 

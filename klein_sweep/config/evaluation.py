@@ -19,51 +19,66 @@ METRIC_NETWORK_PATHS = ("inception", "dinov2", "clip", "arcface")
 @dataclass
 class CollapseThresholds:
     """The collapse rules' thresholds (klein_sweep.evaluation.collapse), declared once: they are
-    `eval.*` keys because EvalConfig inherits them. Their reasons are in docs/design.md."""
+    `eval.*` keys because EvalConfig inherits them. Each is a ratio on a scale the sweep measures
+    at its start - the base model at one end, the training images at the other - so one default
+    means the same on every metric network (the mini net, Inception, DINOv2, CLIP, ArcFace).
+    Their reasons and calibration are in docs/design.md."""
 
-    id_drop: float = 0.10
-    """Collapsed when identity similarity falls this far (cosine) below the trial's running best."""
+    leak_frac: float = 0.175
+    """Collapsed when the no-trigger samples have come this fraction of the way from the base
+    model's similarity to the training images towards the training images' own similarity to
+    each other: the character bleeds into every prompt. (0.175 reproduces the mini world's
+    boundaries, where the absolute rule was 0.15 cosine above the base.)"""
+    id_drop_frac: float = 0.2
+    """Collapsed when identity falls this fraction of the base-to-training-images scale below the
+    trial's running best: identity peaks, then the LoRA overcooks."""
     kid_factor: float = 3.0
-    """Collapsed when KID to the reference images rises past this factor of the trial's best."""
+    """Collapsed when KID to the training images rises past this factor of the trial's best (a
+    ratio: the same on every feature network)."""
+    kid_floor_frac: float = 0.01
+    """Floor under the best reference KID, as a fraction of the base model's own KID to the
+    training images: a factor of a KID near 0 is noise."""
     prior_kid_factor: float = 3.0
     """Collapsed when prior-preservation KID rises past this factor of max(best, floor)."""
-    prior_kid_floor: float = 0.02
-    """Least floor under the best prior KID (early checkpoints sit at ~0, and a factor of ~0 is
-    noise). The floor used is the larger of this and the KID noise measured on the base model
-    (its prior samples against the same prompts with other seeds, |mean| + 3 std)."""
-    kid_floor: float = 1e-3
-    """Least floor under the best reference KID: a factor of a KID near 0 is noise."""
-    leak_margin: float = 0.15
-    """Collapsed when no-trigger samples are this much (cosine) more similar to the identity than
-    the base model's no-trigger samples are: the character bleeds into every prompt."""
+    prior_kid_floor_frac: float = 0.05
+    """Least floor under the best prior KID, as a fraction of the distance between the base
+    model's prior samples and the training images (their KID): early checkpoints sit near 0,
+    where a factor is noise. The floor used is the larger of this and the base model's own seed
+    noise (its prior samples against the same prompts with other seeds, |mean| + 3 std)."""
     degenerate_frac: float = 0.5
     """Collapsed when at least this fraction of samples is flat, pure noise or non-finite."""
     flat_std: float = 0.02
     """An image whose pixel std (in [0, 1] units) is below this is flat."""
     noise_level: float = 0.35
     """An image whose high-frequency energy share (Laplacian / std) is above this is noise."""
-    underfit_margin: float = 0.05
-    """Underfit while identity similarity is within this margin of the base model's."""
-    overfit_sample_sim: float = 0.97
-    """Overfit when trigger samples are this similar to each other (diversity gone)."""
+    underfit_frac: float = 0.1
+    """Underfit while identity has come less than this fraction of the way from the base model's
+    to the training images' own similarity: nothing learned yet."""
+    overfit_frac: float = 0.9
+    """Overfit when the trigger samples are this fraction of the way from the training images'
+    own variety (their mean pairwise similarity) to identical copies: diversity gone."""
 
     def __post_init__(self):
-        for key in ("id_drop", "leak_margin", "degenerate_frac", "underfit_margin", "overfit_sample_sim", "flat_std", "noise_level"):
+        for key in ("leak_frac", "id_drop_frac", "degenerate_frac", "underfit_frac", "overfit_frac", "flat_std", "noise_level",
+                    "kid_floor_frac", "prior_kid_floor_frac"):
             check_float(f"eval.{key}", getattr(self, key), 0.0, 1.0)
         for key in ("kid_factor", "prior_kid_factor"):
             check_float(f"eval.{key}", getattr(self, key), 1.0, 1e6)
-        for key in ("prior_kid_floor", "kid_floor"):
-            check_float(f"eval.{key}", getattr(self, key), 0.0, 1e6)
 
 
 @dataclass
 class EvalConfig(CollapseThresholds):
     enabled: bool = False
     """Evaluate at checkpoints (samples and metrics). Off: only the training loss is tracked."""
-    trigger_prompts: list = field(default_factory=lambda: ["photo of [trigger]"])
-    """Prompts with the trigger: identity similarity and KID against the training images."""
-    prior_prompts: list = field(default_factory=lambda: ["photo of a creature"])
-    """Prompts without the trigger: prior preservation (LoRA vs base samples) and concept leak."""
+    trigger_prompts: Optional[list] = None
+    """Prompts with the trigger: identity similarity and KID against the training images.
+    null = the model's world's (klein_sweep/evaluation/prompts.py): the mini world's own prompts
+    for mini and tiny; for a real model, prompts built from data.trigger and the class word
+    (data.class_word, or inferred from the captions), or style prompts when there is none."""
+    prior_prompts: Optional[list] = None
+    """Prompts without the trigger: prior preservation (LoRA vs base samples) and concept leak.
+    null = the model's world's (see trigger_prompts): for a real character, the class word
+    without the trigger (the leak probe) and unrelated scenes."""
     seeds: list = field(default_factory=lambda: [0, 1])
     """Fixed seeds; every prompt is sampled once per seed, identically in every trial."""
     screening_seeds: Optional[list] = None
@@ -80,12 +95,13 @@ class EvalConfig(CollapseThresholds):
     recipe: str = "auto"
     """Which defaults fill the recipe keys left null (resolution, sample_steps, screening_seeds,
     screening_sample_steps); a value you set always wins. `full`: every checkpoint sampled with
-    every seed at the model's recipe (model.sample_steps) and data.resolution. `economy`: the
-    real-model recipe of ECONOMY_RECIPE (512 px, 20 steps; screening every checkpoint with the
-    first seed at 10 steps, full evaluation of the deciding checkpoints): evaluation at about a
-    quarter of a 9B / 4B sweep's FLOPs instead of ~80% (docs/evaluation_cost.md). `auto`:
-    economy for real (pretrained) models, full for the mini and tiny worlds, where sampling is
-    cheap."""
+    every seed at the model's recipe (model.sample_steps) and data.resolution. `economy`
+    (config/recipes.py ECONOMY_RECIPE, relative to the model's own recipe): at most 512 px, 0.4 of
+    the model's steps (9B / 4B: 20 of 50, the mini: 5 of 12); every checkpoint screened with the
+    first seed at 0.2 of its steps, the full evaluation where it decides: evaluation at about a
+    quarter of a 9B / 4B sweep's FLOPs instead of ~80% (docs/evaluation_cost.md, which also
+    measures its agreement with the full recipe on the mini world). `auto`: economy for the real
+    models and the mini world, full for the random tiny model (tests, smoke runs)."""
     validation_every: Optional[int] = None
     """Steps between validation-loss checkpoints (val/fit_loss, val/prior_loss: forward passes
     on fixed inputs, no sampling), on top of the sampled checkpoints, which always get them too;
@@ -140,14 +156,17 @@ class EvalConfig(CollapseThresholds):
     kid_subset_size: Optional[int] = None
     """KID subset size; null = fit to the sample count (min of the two set sizes)."""
     def __post_init__(self):
-        for key in ("trigger_prompts", "prior_prompts", "seeds"):
-            if self.enabled and not getattr(self, key):
-                raise ConfigError(f"eval.{key}", getattr(self, key), "a non-empty list")
-        if any(not isinstance(p, str) or "[trigger]" not in p for p in self.trigger_prompts):
+        for key in ("trigger_prompts", "prior_prompts"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, list) or not value):
+                raise ConfigError(f"eval.{key}", value, "a non-empty list of prompts, or null for the model's own")
+        if self.enabled and not self.seeds:
+            raise ConfigError("eval.seeds", self.seeds, "a non-empty list")
+        if any(not isinstance(p, str) or "[trigger]" not in p for p in self.trigger_prompts or []):
             raise ConfigError("eval.trigger_prompts", self.trigger_prompts, "prompts that contain [trigger]")
-        if any(not isinstance(p, str) or "[trigger]" in p for p in self.prior_prompts):
+        if any(not isinstance(p, str) or "[trigger]" in p for p in self.prior_prompts or []):
             raise ConfigError("eval.prior_prompts", self.prior_prompts, "prompts without [trigger]")
-        if self.enabled:
+        if self.enabled and self.trigger_prompts is not None and self.prior_prompts is not None:
             for key in ("trigger_prompts", "prior_prompts"):
                 n = len(getattr(self, key)) * len(self.seeds)
                 if n < 2:
@@ -177,7 +196,7 @@ class EvalConfig(CollapseThresholds):
         self.validation_sigmas = [float(v) for v in self.validation_sigmas]
         if self.screening_sample_steps is not None:
             check_int("eval.screening_sample_steps", self.screening_sample_steps, 1, 1000)
-        if self.screening_seeds is not None and self.enabled:
+        if self.screening_seeds is not None and self.enabled and self.trigger_prompts and self.prior_prompts:
             n = min(len(self.trigger_prompts), len(self.prior_prompts)) * len(self.screening_seeds)
             if n < 2:
                 raise ConfigError("eval.screening_seeds", self.screening_seeds, f"seeds giving prompts x seeds >= 2 samples (got {n})")

@@ -9,7 +9,7 @@ them, so rename nothing.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from klein_sweep.config.checks import check_choice, check_float, check_int
 from klein_sweep.config.evaluation import FEATURE_NETWORKS, IDENTITY_NETWORKS, METRIC_NETWORK_PATHS, CollapseThresholds, EvalConfig
@@ -86,6 +86,10 @@ class DataConfig:
     """Trigger word; replaces `[trigger]` in captions."""
     default_caption: str = "photo of [trigger]"
     """Caption for images without a .txt file."""
+    class_word: Optional[str] = None
+    """The subject's class ("woman", "dog", "car") for a real model's evaluation prompts ("photo
+    of [trigger] woman in a cafe"; "photo of a woman" probes leak). null = the word that most
+    often follows the trigger in the captions; none there = a style LoRA (style prompts)."""
     caption_dropout: float = 0.05
     """Probability of training a sample on the empty prompt instead of its caption."""
     resolution: int = 32
@@ -107,6 +111,8 @@ class DataConfig:
             raise ConfigError("data.path", self.path, "a folder of training images")
         if not self.trigger or any(c.isspace() for c in self.trigger):
             raise ConfigError("data.trigger", self.trigger, "a non-empty word without spaces")
+        if self.class_word is not None and (not isinstance(self.class_word, str) or not self.class_word.strip()):
+            raise ConfigError("data.class_word", self.class_word, "a word such as woman, man, dog, or null to infer it from the captions")
         check_float("data.caption_dropout", self.caption_dropout, 0.0, 1.0)
         check_int("data.resolution", self.resolution, 8, 4096)
         check_float("data.max_megapixels", self.max_megapixels, 0.0, 1000.0, low_open=True)
@@ -163,8 +169,12 @@ class TrainConfig:
     """Mean of the logit-normal timestep density."""
     logit_std: float = 1.0
     """Std of the logit-normal timestep density."""
-    timestep_shift: float = 1.0
-    """Shift s applied to sampled sigma: s*t / (1 + (s-1)*t). >1 favours noisier timesteps."""
+    timestep_shift: Optional[Any] = None
+    """Shift s applied to sampled sigma: s*t / (1 + (s-1)*t); >1 favours noisier timesteps.
+    A number; `auto`: the shift FLUX.2's pipeline samples with at the training resolution's
+    token count and the model's sample_steps (diffusers' compute_empirical_mu: 7.6 for 1024 px
+    at 50 steps); null = the model's default (training/trial.py DEFAULT_TIMESTEP_SHIFT: auto for
+    the real models; the mini world's measured choice). docs/design.md compares the references."""
     gradient_checkpointing: bool = False
     """Recompute block activations in backward: less memory, ~30% slower."""
     compile: bool = False
@@ -202,7 +212,10 @@ class TrainConfig:
         check_float("train.max_grad_norm", self.max_grad_norm, 0.0, 1e6)
         check_choice("train.timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLINGS)
         check_float("train.logit_std", self.logit_std, 0.0, 10.0, low_open=True)
-        check_float("train.timestep_shift", self.timestep_shift, 0.0, 100.0, low_open=True)
+        if self.timestep_shift not in (None, "auto"):
+            if isinstance(self.timestep_shift, str):
+                raise ConfigError("train.timestep_shift", self.timestep_shift, "a number in (0, 100], auto, or null for the model's default")
+            check_float("train.timestep_shift", self.timestep_shift, 0.0, 100.0, low_open=True)
         check_choice("train.mixed_precision", self.mixed_precision, ("auto", "no", "bf16"))
         check_choice("train.device", self.device, DEVICES)
 

@@ -13,11 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from klein_sweep.config import DataConfig
+from klein_sweep.data.layout import CAPTION_EXTENSION, IMAGE_EXTENSIONS, TRIGGER_PLACEHOLDER
 from klein_sweep.errors import DataError
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-CAPTION_EXTENSION = ".txt"
-TRIGGER_PLACEHOLDER = "[trigger]"
 
 
 @dataclass(frozen=True)

@@ -52,18 +52,28 @@ class BaseReference:
     leak: float
     degenerate: float  # fraction of base samples that are flat, noise or non-finite
     prior_kid_noise: float  # KID of the base against itself with other seeds: the noise floor
+    reference_id_sim: float  # the training images vs each other: the identity scale's far end
+    reference_sample_sim: float  # the training images' own variety (mean pairwise similarity)
+    kid: float  # the base's trigger samples vs the training images
+    prior_reference_kid: float  # the base's prior samples vs the training images
 
     def stats(self) -> BaseStats:
         """The numbers the collapse rules and the stored record need (no images)."""
-        return BaseStats(id_sim=self.id_sim, leak=self.leak, degenerate=self.degenerate, prior_kid_noise=self.prior_kid_noise)
+        return BaseStats(id_sim=self.id_sim, leak=self.leak, degenerate=self.degenerate, prior_kid_noise=self.prior_kid_noise,
+                         reference_id_sim=self.reference_id_sim, reference_sample_sim=self.reference_sample_sim,
+                         kid=self.kid, prior_reference_kid=self.prior_reference_kid)
 
 
 class CheckpointEvaluator:
-    def __init__(self, settings: Settings, pipe, encoded, examples):
+    def __init__(self, settings: Settings, pipe, encoded, examples, placement=None, stage_prefix: str = ""):
         from klein_sweep.data.folder import load_image
+        from klein_sweep.models.placement import Placement
 
         self.settings = settings
         self.pipe = pipe
+        # The metric networks visit the accelerator while they measure, one at a time.
+        self.placement = placement or Placement(pipe.transformer.device.type)
+        self.sample_stage, self.metrics_stage = f"{stage_prefix}sample", f"{stage_prefix}metrics"
         self.recipe = sample_recipe(settings)
         e = settings.eval
         feature, identity = resolve_networks(e, settings.model.kind)
@@ -98,20 +108,27 @@ class CheckpointEvaluator:
         """Sample the base model (or read its samples from the disk cache of earlier runs). Call
         before a LoRA is injected."""
         cache = BaseSampleCache.for_settings(self.settings)
-        trig, prior = self._sample(self.trigger, cache), self._sample(self.prior, cache)
-        e = self.settings.eval
-        sanity = M.image_sanity(torch.cat([trig, prior]), e.flat_std, e.noise_level)
         # The same prompts with other seeds: how far KID moves when nothing but the noise changes.
         other_seeds = PromptSet(self.prior.embeds, [s + 1000 for s in self.prior.seeds])
-        noise_mean, noise_std = M.kid(self.net, prior, self._sample(other_seeds, cache), e.kid_subset_size)
-        self.base = BaseReference(
-            trigger_images=trig,
-            prior_images=prior,
-            id_sim=M.identity_similarity(self.id_net, trig, self.reference),
-            leak=M.identity_similarity(self.id_net, prior, self.reference),
-            degenerate=sum(sanity.values()),
-            prior_kid_noise=abs(noise_mean) + 3 * noise_std,
-        )
+        with self.placement.stage(self.sample_stage):
+            trig, prior, other = self._sample(self.trigger, cache), self._sample(self.prior, cache), self._sample(other_seeds, cache)
+        e = self.settings.eval
+        sanity = M.image_sanity(torch.cat([trig, prior]), e.flat_std, e.noise_level)
+        clean_trig, clean_prior = torch.nan_to_num(trig), torch.nan_to_num(prior)
+        with self.placement.stage(self.metrics_stage), self.placement.visiting("feature_network", self.net):
+            noise_mean, noise_std = M.kid(self.net, prior, other, e.kid_subset_size)
+            kid = M.kid(self.net, self.reference, clean_trig, e.kid_subset_size)[0]
+            prior_reference_kid = M.kid(self.net, self.reference, clean_prior, e.kid_subset_size)[0]
+        with self.placement.stage(self.metrics_stage), self.placement.visiting("identity_network", self.id_net):
+            identity = dict(
+                id_sim=M.identity_similarity(self.id_net, clean_trig, self.reference),
+                leak=M.identity_similarity(self.id_net, clean_prior, self.reference),
+                reference_id_sim=M.identity_similarity(self.id_net, self.reference, self.reference),
+                reference_sample_sim=M.mean_pairwise_similarity(self.id_net, self.reference),
+            )
+        self.base = BaseReference(trigger_images=trig, prior_images=prior, degenerate=sum(sanity.values()),
+                                  prior_kid_noise=abs(noise_mean) + 3 * noise_std, kid=kid,
+                                  prior_reference_kid=prior_reference_kid, **identity)
         return self.base
 
     def base_grids(self) -> dict[str, "PIL.Image.Image"]:  # noqa: F821
@@ -127,27 +144,26 @@ class CheckpointEvaluator:
         from klein_sweep.lora.adapters import merged_lora
 
         e = self.settings.eval
-        with merged_lora(self.pipe.transformer):
+        with self.placement.stage(self.sample_stage), merged_lora(self.pipe.transformer):
             trig, prior = self._sample(self.trigger), self._sample(self.prior)
         clean_trig = torch.nan_to_num(trig)
         clean_prior = torch.nan_to_num(prior)
-        kid_mean, kid_std = M.kid(self.net, self.reference, clean_trig, e.kid_subset_size)
-        prior_kid, _ = M.kid(self.net, self.base.prior_images, clean_prior, e.kid_subset_size)
         sanity = M.image_sanity(torch.cat([trig, prior]), e.flat_std, e.noise_level)
-        row = {
-            "id_sim": M.identity_similarity(self.id_net, clean_trig, self.reference),
-            "kid": kid_mean,
-            "kid_std": kid_std,
-            "fid": M.fid(self.net, self.reference, clean_trig),
-            "prior_kid": prior_kid,
-            "leak": M.identity_similarity(self.id_net, clean_prior, self.reference),
-            "sample_sim": M.mean_pairwise_similarity(self.id_net, clean_trig),
-            **sanity,
-        }
-        if self.net.has_class_head:  # IS needs class logits: absent with DINOv2 / CLIP features
-            row["is"] = M.inception_score(self.net, clean_trig)
-        if self.clip is not None:
-            row["clip_t"] = self.clip.text_similarity(clean_prior, self.prior_prompts)
+        with self.placement.stage(self.metrics_stage):
+            with self.placement.visiting("feature_network", self.net):
+                kid_mean, kid_std = M.kid(self.net, self.reference, clean_trig, e.kid_subset_size)
+                prior_kid, _ = M.kid(self.net, self.base.prior_images, clean_prior, e.kid_subset_size)
+                row = {"kid": kid_mean, "kid_std": kid_std, "fid": M.fid(self.net, self.reference, clean_trig), "prior_kid": prior_kid}
+                if self.net.has_class_head:  # IS needs class logits: absent with DINOv2 / CLIP features
+                    row["is"] = M.inception_score(self.net, clean_trig)
+            with self.placement.visiting("identity_network", self.id_net):
+                row.update(id_sim=M.identity_similarity(self.id_net, clean_trig, self.reference),
+                           leak=M.identity_similarity(self.id_net, clean_prior, self.reference),
+                           sample_sim=M.mean_pairwise_similarity(self.id_net, clean_trig))
+            if self.clip is not None:
+                with self.placement.visiting("clip", self.clip):
+                    row["clip_t"] = self.clip.text_similarity(clean_prior, self.prior_prompts)
+        row.update(sanity)
         grids = {name: labelled_grid(images, self.grid_rows[name], self.seeds)
                  for name, images in (("trigger", clean_trig), ("prior", clean_prior))}
         return row, grids

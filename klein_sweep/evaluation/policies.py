@@ -2,8 +2,11 @@
 CheckpointEvaluator.
 
   strengths    every checkpoint also at other LoRA strengths (eval.lora_scales)
-  screening    every checkpoint with few samples (eval.screening_seeds); the checkpoints that
-               decide the result get the full evaluation at the end, from LoRA snapshots
+  screening    every checkpoint with few samples (eval.screening_seeds), judged against the base
+               model's samples on the same screening recipe; a checkpoint that looks collapsed
+               gets the full evaluation at once (a collapse is declared on full values only), and
+               the checkpoints that decide the result (the two best, the one before the first
+               collapse) get it at the end, from LoRA snapshots
   distilled    every checkpoint's LoRA also on the distilled model (eval.also_distilled)
   validation   the deterministic validation losses (val/fit_loss, val/prior_loss) at every
                checkpoint and every eval.validation_every steps between them
@@ -13,6 +16,7 @@ Knows nothing of Optuna or MLflow: it returns typed rows and numbers; the caller
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -58,7 +62,8 @@ class EvaluationPolicy:
         e = settings.eval
         self.settings = settings
         self.scales = [s for s in e.lora_scales if s != 1.0]
-        self.evaluator = CheckpointEvaluator(settings, prepared.pipe, prepared.data, examples)
+        placement = getattr(prepared, "placement", None)
+        self.evaluator = CheckpointEvaluator(settings, prepared.pipe, prepared.data, examples, placement)
         self.evaluator.compute_base()  # before any LoRA touches the transformer
         from klein_sweep.evaluation.validation import ValidationLosses
 
@@ -68,17 +73,23 @@ class EvaluationPolicy:
             screening = dataclasses.replace(settings, eval=dataclasses.replace(
                 e, seeds=list(e.screening_seeds), sample_steps=e.screening_sample_steps or e.sample_steps))
             self.full = self.evaluator
-            self.evaluator = CheckpointEvaluator(screening, prepared.pipe, prepared.data, examples)
+            self.evaluator = CheckpointEvaluator(screening, prepared.pipe, prepared.data, examples, placement)
             self.evaluator.compute_base()
         self.distilled = None
         if e.also_distilled:
             from klein_sweep.evaluation.distilled import DistilledEvaluator
 
-            self.distilled = DistilledEvaluator(settings, prepared.pipe, prepared.data, examples, prepared.runtime)
+            self.distilled = DistilledEvaluator(settings, prepared.pipe, prepared.data, examples, prepared.runtime, placement)
 
     @property
     def base(self) -> BaseStats:
+        """The base statistics of the checkpoints' own evaluation (the screening recipe's, with screening)."""
         return self.evaluator.base.stats()
+
+    @property
+    def base_full(self) -> BaseStats | None:
+        """With screening: the full recipe's base statistics, which judge collapse; else None."""
+        return self.full.base.stats() if self.full is not None else None
 
     @property
     def base_distilled(self) -> BaseStats | None:
@@ -128,48 +139,47 @@ class TrialEvaluation:
         self.seconds += result.seconds
         return result
 
-    def evaluate_in_full(self, rows: list[CheckpointRow], model, objective: str, direction: str,
-                         save_best=None) -> tuple[list[CheckpointRow], CheckpointRow | None]:
-        """With screening: the full evaluation of the checkpoints that decide the result - the two
-        best screened ones, the first collapsed one and the one before it - from their LoRA
-        snapshots, into row.full. Returns (rows, the best by its full value or None);
-        `save_best(model)` is called while the best checkpoint's LoRA is loaded. The model leaves
-        with the LoRA it came with."""
+    @property
+    def screening(self) -> bool:
+        return self.policy.full is not None
+
+    def evaluate_full_now(self, model: torch.nn.Module) -> dict[str, float]:
+        """The full evaluation of the LoRA the model holds now (a screened checkpoint that looks
+        collapsed is judged on these values before training goes on or stops)."""
+        start = time.perf_counter()
+        values, _ = self.policy.full.evaluate()
+        self.seconds += time.perf_counter() - start
+        return values
+
+    def evaluate_full_at(self, step: int, model: torch.nn.Module) -> dict[str, float] | None:
+        """The full evaluation of checkpoint `step`'s LoRA, from its snapshot (None without one).
+        Call inside `restoring(model)`."""
+        from klein_sweep.lora.adapters import restore_lora
+
+        if step not in self.snapshots:
+            return None
+        restore_lora(model, self.snapshots[step])
+        return self.evaluate_full_now(model)
+
+    def save_at(self, step: int, model: torch.nn.Module, save) -> None:
+        """`save(model)` with checkpoint `step`'s LoRA loaded. Call inside `restoring(model)`."""
+        from klein_sweep.lora.adapters import restore_lora
+
+        if step in self.snapshots:
+            restore_lora(model, self.snapshots[step])
+            save(model)
+
+    @contextlib.contextmanager
+    def restoring(self, model: torch.nn.Module):
+        """The model leaves with the LoRA it came with; the snapshots are dropped after."""
         from klein_sweep.lora.adapters import lora_snapshot, restore_lora
 
-        if self.policy.full is None:
-            return rows, None
-        steps = [r.step for r in rows if r.step in self.snapshots]
-        maximize = direction == "maximize"
-        usable = [r for r in rows if r.state != "collapsed" and r.step in self.snapshots and _finite(r.value(objective))]
-        ranked = sorted(usable, key=lambda r: r.value(objective), reverse=maximize)
-        decisive = {r.step for r in ranked[:2]}  # screening noise can swap neighbours: two
-        first = collapse.first_collapse_step(rows)
-        if first is not None and first in steps:
-            i = steps.index(first)
-            decisive |= {first} | ({steps[i - 1]} if i > 0 else set())
-        if not decisive:
-            return rows, None
-        start = time.perf_counter()
         final = lora_snapshot(model)
         try:
-            out = []
-            for r in rows:
-                if r.step in decisive:
-                    restore_lora(model, self.snapshots[r.step])
-                    values, _ = self.policy.full.evaluate()
-                    r = dataclasses.replace(r, full=values)
-                out.append(r)
-            judged = [r for r in out if r.full is not None and r.state != "collapsed" and _finite(r.full.get(objective))]
-            best = (max if maximize else min)(judged, key=lambda r: r.full[objective]) if judged else None
-            if best is not None and save_best is not None:
-                restore_lora(model, self.snapshots[best.step])
-                save_best(model)
-            return out, best
+            yield
         finally:
             restore_lora(model, final)
             self.snapshots.clear()
-            self.seconds += time.perf_counter() - start
 
 
 def classify_strengths(rows: list[CheckpointRow], base: BaseStats | None, th) -> list[CheckpointRow]:

@@ -27,6 +27,7 @@ class TrialRecorder:
         self.history_validation = list(continues.validation) if continues else []
         self.evaluation = policy.start_trial() if policy is not None else None
         self.base = policy.base if policy is not None else None
+        self.base_full = policy.base_full if policy is not None else None
         self.base_distilled = policy.base_distilled if policy is not None else None
         self.n_images = n_images
         self.rows: list[CheckpointRow] = []
@@ -69,6 +70,11 @@ class TrialRecorder:
             metrics.update(result.logged_metrics())
             self.log_grids(result.grids, step=event.step)
         self.rows.append(row)
+        if self.evaluation is not None and self.evaluation.screening and \
+                collapse.suspect_collapse(self.history + self.rows, self.base, self.settings.eval, self.base_full):
+            # A collapse is declared on the full recipe's values only: judge this one in full now.
+            row.full = self.evaluation.evaluate_full_now(model)
+            metrics.update({f"eval_full/{k}": v for k, v in row.full.items()})
         current = self.judged()[-1]
         metrics["eval/collapsed"] = float(current.state == "collapsed")
         value = row.value(self.objective)
@@ -84,7 +90,8 @@ class TrialRecorder:
     def judged(self) -> list[CheckpointRow]:
         """This trial's rows with the collapse rules' verdict, judged after the history's."""
         own = {r.step for r in self.rows}
-        return [r for r in collapse.classify(self.history + self.rows, self.base, self.settings.eval) if r.step in own]
+        judged = collapse.classify(self.history + self.rows, self.base, self.settings.eval, self.base_full)
+        return [r for r in judged if r.step in own]
 
     def log_grids(self, grids: dict, step: int) -> None:
         """Sample grids (rows: prompts, columns: seeds) to the trial's folder and the tracker."""
@@ -103,21 +110,16 @@ class TrialRecorder:
         train_seconds = seconds - self.eval_seconds
         if outcome.status == "diverged":
             self.rows.append(CheckpointRow(step=outcome.steps_done, loss=float("nan")))
+        if self.evaluation is not None and self.evaluation.screening and model is not None:
+            self.confirm_in_full(model)
         rows = classify_strengths(self.judged(), self.base, self.settings.eval)
         best = collapse.best_checkpoint(rows, self.objective, self.direction)
         value = best.value(self.objective) if best else None
-        if self.evaluation is not None and model is not None:
-            rows, full_best = self.evaluation.evaluate_in_full(
-                rows, model, self.objective, self.direction, save_best=lambda m: save_lora(m, self.best_dir))
-            for r in rows:
-                if r.full is not None:
-                    self.tracker.log_metrics({f"eval_full/{k}": v for k, v in r.full.items()}, step=r.step)
-            if full_best is not None:  # the objective from the full evaluation where it ran
-                best, value = full_best, full_best.full[self.objective]
         collapse_step = collapse.first_collapse_step(rows)
         state = rows[-1].state if rows else "failed"
         record = TrialRecord(state=state, steps=total_steps, rows=rows, collapse_step=collapse_step,
-                             best_step=best.step if best else None, base=self.base, base_distilled=self.base_distilled,
+                             best_step=best.step if best else None, base=self.base, base_full=self.base_full,
+                             base_distilled=self.base_distilled,
                              train_seconds=round(train_seconds, 3), eval_seconds=round(self.eval_seconds, 3),
                              validation=list(self.validation))
         self.tag_run(record, outcome)
@@ -128,6 +130,35 @@ class TrialRecorder:
             self.tracker.log_artifact(best_lora, "lora/best")
             self.tracker.log_artifact(export_comfyui(best_lora), "lora/best")
         return record, value
+
+    def confirm_in_full(self, model) -> None:
+        """With screening, the full evaluation of the checkpoints that decide the result, from
+        their LoRA snapshots: the two best screened ones (the best checkpoint and the objective
+        are chosen on full values) and the one before the first collapse (is the boundary really
+        after it?). When that one turns out collapsed too, the one before it is next, and so on.
+        The best checkpoint's LoRA is saved again from its snapshot; the model leaves with the
+        LoRA it came with."""
+        from klein_sweep.lora.io import save_lora
+
+        ev = self.evaluation
+        by_step = {r.step: r for r in self.rows}
+        with ev.restoring(model):
+            while True:
+                judged = self.judged()
+                need = set(_best_screened(judged, self.objective, self.maximize, n=2))
+                first = collapse.first_collapse_step(judged)
+                before = [r.step for r in judged if first is not None and r.step < first]
+                if before:
+                    need.add(before[-1])
+                need = {s for s in need if by_step[s].full is None and s in ev.snapshots}
+                if not need:
+                    break
+                for step in sorted(need):
+                    by_step[step].full = ev.evaluate_full_at(step, model)
+                    self.tracker.log_metrics({f"eval_full/{k}": v for k, v in by_step[step].full.items()}, step=step)
+            best = collapse.best_checkpoint(self.judged(), self.objective, self.direction)
+            if best is not None and best.full is not None:
+                ev.save_at(best.step, model, lambda m: save_lora(m, self.best_dir))
 
     def tag_run(self, record: TrialRecord, outcome) -> None:
         tags = {
@@ -150,3 +181,11 @@ class TrialRecorder:
         if record.collapse_step is not None:
             metrics["trial/collapse_step"] = record.collapse_step
         self.tracker.log_metrics(metrics, step=record.steps or 0)
+
+
+def _best_screened(rows: list[CheckpointRow], objective: str, maximize: bool, n: int) -> list[int]:
+    """Steps of the n best non-collapsed checkpoints by their own (screened) value: screening
+    noise can swap neighbours, so the full evaluation looks at two."""
+    usable = [r for r in rows if r.state != "collapsed" and r.metrics.get(objective) is not None
+              and math.isfinite(r.metrics[objective])]
+    return [r.step for r in sorted(usable, key=lambda r: r.metrics[objective], reverse=maximize)[:n]]

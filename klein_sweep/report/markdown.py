@@ -20,9 +20,12 @@ def render_markdown(results, axis, columns, labels, cells, lines_, fit, best, co
               f"{len(results.failed)} failed."]
     for note in meta.notes if meta else []:
         lines.append(f"- {note}")
-    base = next((t.base for t in results.trials if t.base), None)
-    if base:
-        lines.append(f"- base model (no LoRA): identity similarity {fmt_value(base.id_sim)}, leak {fmt_value(base.leak)}")
+    record = next((t.record for t in results.trials if t.base), None)
+    if record:
+        base = record.base_full or record.base  # the recipe that judges collapse
+        lines.append(f"- base model (no LoRA): identity similarity {fmt_value(base.id_sim)}, leak {fmt_value(base.leak)}; "
+                     f"the training images' own similarity {fmt_value(base.reference_id_sim)}: the collapse rules' scale runs "
+                     "from the first to the second (docs/design.md)")
     lines += ["", f"## Identity / KID / state by {axis}", "",
               "| setting | " + " | ".join(f"{axis} {fmt_value(c)}" for c in columns) + " |",
               "|---|" + "---|" * len(columns)]

@@ -37,6 +37,22 @@ def sample_sigmas(
     return sigma.clamp(1e-4, 1.0 - 1e-4)
 
 
+def empirical_shift(image_tokens: int, steps: int) -> float:
+    """The shift FLUX.2's pipeline samples with: exp(mu) of diffusers' `compute_empirical_mu`
+    (Black Forest Labs' fit over image tokens and denoising steps), the same map as
+    `shift_sigmas` with s = exp(mu). E.g. 1024 px (4096 tokens) at 50 steps: mu 2.02, shift 7.6;
+    the mini world's 32 px (64 tokens) at 12 steps: mu 1.89, shift 6.6."""
+    import math
+
+    a1, b1 = 8.73809524e-05, 1.89833333  # mu at 10 steps, linear in tokens
+    a2, b2 = 0.00016927, 0.45666666  # mu at 200 steps (and beyond 4300 tokens at any step count)
+    if image_tokens > 4300:
+        return math.exp(a2 * image_tokens + b2)
+    mu_200, mu_10 = a2 * image_tokens + b2, a1 * image_tokens + b1
+    slope = (mu_200 - mu_10) / 190.0
+    return math.exp(mu_200 + slope * (steps - 200.0))
+
+
 def shift_sigmas(t: torch.Tensor, shift: float) -> torch.Tensor:
     """s*t / (1 + (s-1)*t): identity at s=1, monotone, fixes 0 and 1."""
     return shift * t / (1.0 + (shift - 1.0) * t)

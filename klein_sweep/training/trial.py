@@ -29,6 +29,7 @@ class TrialPlan:
     validation_steps: list[int] = field(default_factory=list)  # validation losses only (eval.validation_every)
     resume_from: Path | None = None  # a saved training state (training/resume.py) to continue from its step
     save_state: bool = False  # save the training state when it ends, for a later continuation
+    swept: tuple[str, ...] = ()  # a sweep trial's swept keys: its MLflow params (trial_params)
 
     @property
     def callback_steps(self) -> list[int]:
@@ -47,6 +48,7 @@ class PreparedModel:
     data: object  # EncodedData
     runtime: object  # models.Runtime
     encode_seconds: float
+    placement: object = None  # models.placement.Placement: what is on the accelerator, stage by stage
 
 
 @dataclass
@@ -60,8 +62,33 @@ class TrialOutcome:
     checkpoint_log: list[dict] = field(default_factory=list)
 
 
+# The training noise schedule when train.timestep_shift is null, by model kind. The real models
+# train on the shift their pipeline samples with at the training resolution (`auto`); the mini
+# world keeps shift 1, which its committed boundaries were measured on (docs/design.md, "The
+# noise schedule", has the measurement under auto).
+DEFAULT_TIMESTEP_SHIFT = {"pretrained": "auto", "mini": 1.0, "tiny": 1.0}
+
+
+def resolve_timestep_shift(settings: Settings) -> float:
+    """train.timestep_shift as the number training uses: `auto` is the pipeline's shift for the
+    training resolution's image tokens at the model's sample_steps."""
+    from klein_sweep.preflight import model_shape
+    from klein_sweep.training.flow_matching import empirical_shift
+
+    shift = settings.train.timestep_shift
+    if shift is None:
+        shift = DEFAULT_TIMESTEP_SHIFT[settings.model.kind]
+    if shift == "auto":
+        shape = model_shape(settings.model)
+        factor = shape.vae_scale_factor if shape else 8  # FLUX.2's VAE when nothing local says otherwise
+        tokens = (settings.data.resolution // (2 * factor)) ** 2  # latents pack 2x2 into one token
+        return round(empirical_shift(tokens, settings.model.sample_steps), 4)
+    return float(shift)
+
+
 def resolve_plan(settings: Settings, extra_checkpoints: list[int] = ()) -> TrialPlan:
-    """Validate the data folder and derive the step count (from train.repeats when set)."""
+    """Validate the data folder and derive the step count (from train.repeats when set) and the
+    training noise schedule's shift."""
     from klein_sweep.training.loop import checkpoint_schedule
 
     if settings.model.is_distilled:
@@ -69,6 +96,7 @@ def resolve_plan(settings: Settings, extra_checkpoints: list[int] = ()) -> Trial
             "model", settings.model.name, "a base model to train on; distilled models are for evaluation only"
         )
     examples = load_examples(settings.data)
+    settings.train = dataclasses.replace(settings.train, timestep_shift=resolve_timestep_shift(settings))
     t = settings.train
     steps = t.steps
     if t.repeats is not None:
@@ -81,14 +109,18 @@ def resolve_plan(settings: Settings, extra_checkpoints: list[int] = ()) -> Trial
 
 
 def prepare_model(plan: TrialPlan, extra_prompts: list[str] = ()) -> PreparedModel:
-    """Load the pipeline and the encodings of every image and prompt, then release the text
-    encoder and the VAE encoder (what a 9B LoRA needs to fit a 24 GB card)."""
+    """Load the pipeline on the host and the encodings of every image and prompt (the text
+    encoder and VAE on the accelerator only while they encode), release the text encoder and the
+    VAE encoder, then put the transformer and the VAE's decoder on the accelerator: what a 9B
+    LoRA needs to fit a 24 GB card (models/placement.py)."""
     from klein_sweep.data.encoding import EncodingCache, EncodingKey, encode_data, release_text_encoder, release_vae_encoder
+    from klein_sweep.models import placement as placements
     from klein_sweep.models.loading import load_pipeline, model_cache_id, pick_runtime
 
     s = plan.settings
     runtime = pick_runtime(s.model, s.train.device)
     pipe = load_pipeline(s.model, runtime)
+    placement = placements.placement_for(runtime.device)
     multiple = pipe.vae_scale_factor * 2
     if s.data.resolution % multiple:
         raise ConfigError("data.resolution", s.data.resolution, f"a multiple of {multiple} for model {s.model.name}")
@@ -106,10 +138,14 @@ def prepare_model(plan: TrialPlan, extra_prompts: list[str] = ()) -> PreparedMod
     )
     cache = EncodingCache(s.data.cache_dir if s.data.use_cache else None)
     start = time.perf_counter()
-    data = encode_data(pipe, plan.examples, key, cache, extra_prompts=list(extra_prompts))
-    release_text_encoder(pipe)
-    release_vae_encoder(pipe)
-    return PreparedModel(pipe=pipe, data=data, runtime=runtime, encode_seconds=time.perf_counter() - start)
+    with placement.stage("encode"):
+        data = encode_data(pipe, plan.examples, key, cache, extra_prompts=list(extra_prompts), placement=placement)
+        release_text_encoder(pipe, placement)
+        release_vae_encoder(pipe)
+    with placement.stage("train"):
+        placement.to_device("transformer", pipe.transformer)
+        placement.to_device("vae", pipe.vae)  # its decoder: evaluation samples
+    return PreparedModel(pipe=pipe, data=data, runtime=runtime, encode_seconds=time.perf_counter() - start, placement=placement)
 
 
 def run_training(
@@ -128,27 +164,28 @@ def run_training(
     s = plan.settings
     transformer = prepared.pipe.transformer
     params = inject_trial_lora(transformer, s)
-    tracker.log_params(trial_params(plan, n_lora_params=sum(p.numel() for p in params)))
+    tracker.log_params(trial_params(plan))
     checkpoint_log: list[dict] = []
     on_checkpoint = checkpoint_callback(plan, tracker, evaluate, checkpoint_log)
 
     from klein_sweep.training.resume import STATE_FILE, load_train_state
 
-    result = train_lora(
-        transformer,
-        params,
-        prepared.data,
-        s.train,
-        steps=plan.steps,
-        device=prepared.runtime.device,
-        checkpoints=plan.callback_steps,
-        on_checkpoint=on_checkpoint,
-        caption_dropout=s.data.caption_dropout,
-        tracker=tracker,
-        progress=progress,
-        resume_from=load_train_state(plan.resume_from) if plan.resume_from else None,
-        save_state_to=Path(s.output_dir) / STATE_FILE if plan.save_state else None,
-    )
+    with training_stage(prepared):
+        result = train_lora(
+            transformer,
+            params,
+            prepared.data,
+            s.train,
+            steps=plan.steps,
+            device=prepared.runtime.device,
+            checkpoints=plan.callback_steps,
+            on_checkpoint=on_checkpoint,
+            caption_dropout=s.data.caption_dropout,
+            tracker=tracker,
+            progress=progress,
+            resume_from=load_train_state(plan.resume_from) if plan.resume_from else None,
+            save_state_to=Path(s.output_dir) / STATE_FILE if plan.save_state else None,
+        )
     return trial_outcome(plan, result, transformer, tracker, lora_artifact_path, checkpoint_log)
 
 
@@ -189,7 +226,8 @@ def run_lane_training(
     """`run_training` for trials that differ only in learning rate, trained as lanes of one
     batched forward (training/lanes.py). Each trial keeps its own tracker, evaluation, LoRA files
     and saved state, as if it had run alone."""
-    from klein_sweep.training.lanes import LaneAdapters, LaneSpec, train_lanes
+    from klein_sweep.training.lanes import LaneAdapters
+    from klein_sweep.training.loop import LaneSpec, train_lanes
     from klein_sweep.training.resume import STATE_FILE
 
     if not lanes_compatible(plans):
@@ -201,7 +239,7 @@ def run_lane_training(
     logs: list[list[dict]] = [[] for _ in plans]
     callbacks = []
     for plan, tracker, evaluate, log in zip(plans, trackers, evaluates, logs):
-        tracker.log_params(trial_params(plan, n_lora_params=sum(p.numel() for p in params)))
+        tracker.log_params(trial_params(plan))
         callbacks.append(checkpoint_callback(plan, tracker, evaluate, log))
     errors: list[Exception | None] = [None] * len(plans)
 
@@ -213,13 +251,14 @@ def run_lane_training(
             return True
 
     start = time.perf_counter()
-    results = train_lanes(
-        transformer, adapters,
-        [LaneSpec(lr=p.settings.train.lr, tracker=t, save_state_to=Path(p.settings.output_dir) / STATE_FILE if p.save_state else None)
-         for p, t in zip(plans, trackers)],
-        prepared.data, s.train, steps=plans[0].steps, device=prepared.runtime.device, checkpoints=plans[0].callback_steps,
-        on_checkpoint=on_checkpoint, caption_dropout=s.data.caption_dropout, progress=progress,
-    )
+    with training_stage(prepared):
+        results = train_lanes(
+            transformer, adapters,
+            [LaneSpec(lr=p.settings.train.lr, tracker=t, save_state_to=Path(p.settings.output_dir) / STATE_FILE if p.save_state else None)
+             for p, t in zip(plans, trackers)],
+            prepared.data, s.train, steps=plans[0].steps, device=prepared.runtime.device, checkpoints=plans[0].callback_steps,
+            on_checkpoint=on_checkpoint, caption_dropout=s.data.caption_dropout, progress=progress,
+        )
     seconds = time.perf_counter() - start
     lanes = []
     for i, (plan, tracker, result) in enumerate(zip(plans, trackers, results)):
@@ -229,6 +268,13 @@ def run_lane_training(
         adapters.load(i)
         lanes.append(LaneOutcome(trial_outcome(plan, result, transformer, tracker, lora_artifact_path, logs[i])))
     return LaneTraining(lanes=lanes, adapters=adapters, seconds=seconds)
+
+
+def training_stage(prepared: PreparedModel):
+    """The placement's "train" stage around a training (evaluations inside it are stages of their own)."""
+    import contextlib
+
+    return prepared.placement.stage("train") if prepared.placement is not None else contextlib.nullcontext()
 
 
 def inject_trial_lora(transformer, settings: Settings) -> list:
@@ -294,14 +340,31 @@ def save_lora_files(transformer, directory: Path, tracker, artifact_path: str) -
     return lora_path
 
 
-def trial_params(plan: TrialPlan, n_lora_params: int) -> dict:
-    """Every resolved setting under its dotted key, plus what was derived from them."""
-    params = flatten(dataclasses.asdict(plan.settings))
+# A single trial's MLflow params besides those derived (trial_params): what a user compares
+# across the runs of different commands.
+TRIAL_PARAMS = ("model.name", "data.trigger", "train.lr", "train.rank", "train.alpha", "train.grad_accum",
+                "train.batch_size", "train.seed")
+
+
+def trial_params(plan: TrialPlan) -> dict:
+    """The run's MLflow params under their dotted keys. A sweep's trial: its swept keys and its
+    step count, what tells its trials apart (the settings they share are params of the sweep's
+    parent run). A single trial: TRIAL_PARAMS, the step count, the number of images, repeats per
+    image and, with evaluation, the recipe. Not every resolved value: MLflow's image cards print
+    all of a run's params above each sample grid - ~80 pushed the grid out of its card, and even
+    a dozen (five lines) hide half of it. The full resolved config is the run's config.yaml."""
+    from klein_sweep.config.recipes import recipe_name
+
+    s = plan.settings
+    flat = flatten(dataclasses.asdict(s))
+    if plan.swept:
+        return {**{k: flat[k] for k in plan.swept if k in flat}, "train.steps": plan.steps}
+    params = {k: flat[k] for k in TRIAL_PARAMS}
     params["train.steps"] = plan.steps
     params["data.n_images"] = len(plan.examples)
     params["train.repeats_per_image"] = round(plan.repeats_per_image, 3)
-    params["train.lora_scale"] = plan.settings.train.lora_scale
-    params["lora.n_params"] = n_lora_params
+    if s.eval.enabled:
+        params["eval.recipe"] = recipe_name(s.eval, s.model)
     return params
 
 
