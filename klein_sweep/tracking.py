@@ -215,13 +215,16 @@ class MlflowTracker:
     def describe(self) -> str:
         return f"run {self.run_id} (experiment id {self.experiment_id}) at {redact(self.client.tracking_uri)}"
 
-    def share_runs_view(self, columns: list[str], order_by: str) -> str:
+    def share_runs_view(self, columns: list[str], order_by: str, chart_sections: list[tuple[str, bool]] = ()) -> str:
         """Store a view of the experiment's runs table - these columns, sorted by `order_by`
         (e.g. "params.`train.lr`") - as MLflow's own "Share view" button does: a JSON view state
         in the experiment tag mlflow.sharedViewState.<key>. Sorting by anything but start time
-        makes MLflow list child runs flat instead of folded under their parent. Returns the UI
-        route that opens it."""
+        makes MLflow list child runs flat instead of folded under their parent. `chart_sections`:
+        the chart view's sections in this order, (metric prefix, expanded?) - see chart_view_state.
+        Returns the UI route that opens it."""
         state = {"selectedColumns": columns, "orderByKey": order_by, "orderByAsc": True, "searchFilter": ""}
+        if chart_sections:
+            state.update(chart_view_state(chart_sections))
         with self._guard("saving the runs view"):
             self.client.set_experiment_tag(self.experiment_id, SHARED_VIEW_TAG + SHARED_VIEW_KEY, json.dumps(state))
         return runs_view_route(self.experiment_id)
@@ -229,6 +232,25 @@ class MlflowTracker:
 
 SHARED_VIEW_TAG = "mlflow.sharedViewState."  # the MLflow UI's prefix for a shared runs-table view
 SHARED_VIEW_KEY = "klein_sweep"
+
+
+def chart_view_state(sections: list[tuple[str, bool]]) -> dict:
+    """The chart view's part of a shared view state, as MLflow 3's UI stores it (its experiment
+    page UI state): the sections in the order given, each expanded or collapsed. A section is a
+    metric key's prefix (`eval` holds eval/id_sim, eval/kid, ...; `samples` the images). With the
+    sections fixed ("reordered") the UI keeps their order, adds a chart per metric into the
+    section of its prefix, and appends sections it does not know at the end; without them it
+    would sort sections by name and open on the parent run's single values (boundary, cost).
+    Every run is shown (not MLflow's first 10 rows), so a setting's training and its
+    continuation both draw."""
+    return {
+        "compareRunSections": [{"uuid": f"klein-{name}", "name": name, "display": expanded, "isReordered": False,
+                                "deleted": False, "isGenerated": True} for name, expanded in sections],
+        "compareRunCharts": [],  # filled by the UI from the runs' metric keys
+        "isAccordionReordered": True,
+        "hideEmptyCharts": True,
+        "runsHiddenMode": "SHOW_ALL",
+    }
 
 
 def runs_view_route(experiment_id: str) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import os
+import select
 import shutil
 import socket
 import subprocess
@@ -140,6 +141,104 @@ def browse(url: str, screenshot: Path, wait_ms: int = 20000, height: int = 1200)
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout
+
+
+class BrowserPage:
+    """One headless Chromium tab driven over the DevTools protocol (on a pipe: no port, no
+    driver, no extra package), for what --dump-dom cannot tell: where things are drawn. `js`
+    evaluates an expression in the page; `wait_for` polls one until it is truthy.
+
+        with BrowserPage(width=1600, height=1200) as page:
+            page.goto(url)
+            page.wait_for("document.querySelector('img') !== null")
+    """
+
+    def __init__(self, width: int = 1600, height: int = 1200):
+        self.width, self.height = width, height
+        self.profile = tempfile.mkdtemp(prefix="klein_chromium_")
+        self._id, self._buffer, self.pid = 0, b"", None
+        self.answer_timeout = 120.0
+
+    def __enter__(self) -> "BrowserPage":
+        to_chrome, from_chrome = os.pipe(), os.pipe()  # Chromium reads commands on fd 3, answers on fd 4
+        devnull = os.open(os.devnull, os.O_RDWR)
+        args = [chromium_bin(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--remote-debugging-pipe",
+                f"--window-size={self.width},{self.height}", f"--user-data-dir={self.profile}", "about:blank"]
+        try:
+            self.pid = os.posix_spawn(args[0], args, os.environ, file_actions=[
+                (os.POSIX_SPAWN_DUP2, devnull, 0), (os.POSIX_SPAWN_DUP2, devnull, 1), (os.POSIX_SPAWN_DUP2, devnull, 2),
+                (os.POSIX_SPAWN_DUP2, to_chrome[0], 3), (os.POSIX_SPAWN_DUP2, from_chrome[1], 4)])
+        finally:
+            for fd in (devnull, to_chrome[0], from_chrome[1]):
+                os.close(fd)
+        self._out, self._in = os.fdopen(to_chrome[1], "wb", buffering=0), os.fdopen(from_chrome[0], "rb", buffering=0)
+        target = next(t for t in self._send("Target.getTargets")["targetInfos"] if t["type"] == "page")
+        self._session = self._send("Target.attachToTarget", targetId=target["targetId"], flatten=True)["sessionId"]
+        self._send("Page.enable", page=True)
+        self._send("Emulation.setDeviceMetricsOverride", page=True, width=self.width, height=self.height, deviceScaleFactor=1,
+                   mobile=False)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self._send("Browser.close")
+        except (OSError, RuntimeError):
+            os.kill(self.pid, 9)
+        os.waitpid(self.pid, 0)
+        self._out.close()
+        self._in.close()
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+    def _send(self, method: str, page: bool = False, **params):
+        import json
+
+        self._id += 1
+        message = {"id": self._id, "method": method, "params": params, **({"sessionId": self._session} if page else {})}
+        self._out.write(json.dumps(message).encode() + b"\0")
+        while True:
+            while b"\0" not in self._buffer:
+                # a Chromium that stops answering fails the test instead of hanging it
+                if not select.select([self._in], [], [], self.answer_timeout)[0]:
+                    raise RuntimeError(f"chromium did not answer {method} within {self.answer_timeout:.0f} s")
+                chunk = self._in.read(1 << 16)
+                if not chunk:
+                    raise RuntimeError(f"chromium closed its pipe during {method}")
+                self._buffer += chunk
+            raw, self._buffer = self._buffer.split(b"\0", 1)
+            answer = json.loads(raw)
+            if answer.get("id") == self._id:
+                if "error" in answer:
+                    raise RuntimeError(f"{method}: {answer['error']}")
+                return answer["result"]
+
+    def goto(self, url: str) -> None:
+        self._send("Page.navigate", page=True, url=url)
+
+    def js(self, expression: str):
+        """The expression's value (JSON-able), awaited when it is a promise."""
+        result = self._send("Runtime.evaluate", page=True, expression=expression, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"{expression[:200]}: {result['exceptionDetails'].get('exception', result['exceptionDetails'])}")
+        return result["result"].get("value")
+
+    def wait_for(self, expression: str, timeout: float = 90, what: str = ""):
+        """The expression's first truthy value, polled (an exception, as while the page loads,
+        counts as not yet); an AssertionError naming `what` after `timeout` s."""
+        deadline, error = time.time() + timeout, None
+        while True:
+            try:
+                value = self.js(expression)
+            except RuntimeError as exc:
+                value, error = None, exc
+            if value:
+                return value
+            assert time.time() < deadline, f"not shown within {timeout:.0f} s: {what or expression}" + (f" (last: {error})" if error else "")
+            time.sleep(0.25)
+
+    def screenshot(self, path: Path) -> None:
+        import base64
+
+        path.write_bytes(base64.b64decode(self._send("Page.captureScreenshot", page=True, format="png")["data"]))
 
 
 def page_text(dom: str) -> str:

@@ -21,6 +21,9 @@ def test_one_trial_end_to_end(tmp_path):
     p = run.data.params
     assert p["train.lr"] == "0.0001" and p["train.steps"] == "12" and p["data.trigger"] == "sks"
     assert p["train.repeats_per_image"] == "1.5" and p["data.n_images"] == "8"
+    # the settings a user compares, not all ~80 resolved values (those are config.yaml)
+    assert set(p) == {"model.name", "data.trigger", "train.lr", "train.rank", "train.alpha", "train.grad_accum", "train.batch_size",
+                      "train.seed", "train.steps", "data.n_images", "train.repeats_per_image"}
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(1, 13))
     assert len(client.get_metric_history(run.info.run_id, "train/lr")) == 12
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/lora_norm")] == [5, 10, 12]

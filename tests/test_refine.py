@@ -41,6 +41,17 @@ def test_lr_vs_steps_continues_each_safe_training_past_the_grid(tmp_path):
     children = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
     assert sorted(r.data.tags.get("klein.refine", "grid") for r in children) == ["extend", "extend", "grid", "grid"]
     assert all("refine extend" in r.data.tags["mlflow.runName"] for r in children if "klein.refine" in r.data.tags)
+    # a continuation reads as its lr: the grid trial's setting tag and colour, and its curves start
+    # where the grid trial's ended (its last checkpoint's values at the step it continues from)
+    by_trial = {int(r.data.tags["optuna.trial"]): r for r in children}
+    for t in refined:
+        run, grid_run = by_trial[t.number], by_trial[t.user_attrs["refine"]["from_trial"]]
+        assert run.data.tags["klein.setting"] == grid_run.data.tags["klein.setting"] == f"lr_{t.user_attrs['cell']['train.lr']:g}"
+        assert run.data.tags["mlflow.runColor"] == grid_run.data.tags["mlflow.runColor"]
+        for key in ("eval/id_sim", "val/prior_loss"):
+            grid_history = client.get_metric_history(grid_run.info.run_id, key)
+            assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)][0] == (4, grid_history[-1].value)
+    assert len({r.data.tags["mlflow.runColor"] for r in children}) == 2
     # the report: the grid table as asked (2 rows of 2 steps), the continuations in their own section
     report = json.loads((folder / "report.json").read_text())
     assert report["rows"] == ["lr=1.00e-04", "lr=4.00e-04"] and report["columns"] == [2, 4]
@@ -88,3 +99,33 @@ def test_the_study_queues_each_refinement_once_and_bisects_after_the_grid(tmp_pa
     assert sorted(s["kind"] for s in specs) == ["bisect", "extend"]
     (bisect,) = [s for s in specs if s["kind"] == "bisect"]
     assert bisect["cell"] == {"train.lr": pytest.approx(2e-4)} and bisect["to_step"] == 2500
+
+
+def test_each_setting_has_its_colour_and_the_parent_run_describes_the_answer(tmp_path):
+    """The grid's settings in order, then the bisected ones, each its own colour (a continuation
+    is its setting's); the parent run's description (mlflow.note.content) gives the best cell,
+    every training's collapse step with the fitted safe steps, and the fit."""
+    from klein_sweep.report import write_report
+    from klein_sweep.sweep.study import open_study
+    from klein_sweep.sweep.trial_run import RUN_COLOURS, setting_colour
+
+    plan = compose_plan(["+sweep=lr_vs_steps", *COMMON, "sweep.params.train.lr.values=[1e-4,4e-4]",
+                         f"sweep.output_dir={tmp_path / 'sweep'}", "tracking=none"])
+    study = open_study(plan)
+    good = [{"step": s, "id_sim": 0.8 + s / 1e5, "state": "good"} for s in (500, 1000, 1500, 2000, 2500)]
+    finish(study, {"train.lr": 1e-4}, good)
+    finish(study, {"train.lr": 4e-4}, good[:3] + [{"step": 2000, "id_sim": 0.3, "state": "collapsed", "reason": "identity"}])
+    finish(study, {"train.lr": 1e-4}, [{"step": 3000, "id_sim": 0.83, "state": "good"},
+                                       {"step": 3500, "id_sim": 0.3, "state": "collapsed", "reason": "identity"}],
+           refine={"kind": "extend", "cell": {"train.lr": 1e-4}, "to_step": 5000, "from_step": 2500, "from_trial": 0})
+    finish(study, {"train.lr": 2e-4}, good[:4] + [{"step": 2500, "id_sim": 0.3, "state": "collapsed", "reason": "identity"}],
+           refine={"kind": "bisect", "cell": {"train.lr": 2e-4}, "to_step": 2500})
+    colours = [setting_colour(study, plan, {"train.lr": lr}) for lr in (1e-4, 4e-4, 2e-4, 3e-4)]
+    assert colours == list(RUN_COLOURS[:4])  # 3e-4: not (yet) in the study, the next colour
+
+    write_report(tmp_path / "sweep", study=study)
+    text = json.loads((tmp_path / "sweep" / "report.json").read_text())["answer"]["tags"]["mlflow.note.content"]
+    assert "**Best cell**: lr=1.00e-04 at step 2500 (trial 0): id_sim 0.825, state good." in text, text  # the grid's best
+    assert "| lr=1.00e-04 | 3500 | grid, continued past step 2500 |" in text and "| lr=2.00e-04 | 2500 | bisection | - |" in text, text
+    assert "| lr=4.00e-04 | 2000 | grid |" in text and " steps |" in text, text  # the fit's safe steps at the grid's lrs
+    assert "**Boundary fit**: collapse step ~ lr^-" in text and "through 3 trainings (0 still fine" in text, text

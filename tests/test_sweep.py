@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+import yaml
 
 from conftest import REPO, repo_pythonpath, run_cli
 from sweep_helpers import DEBUG_SIZE, completed_cells, compose_plan, load_study, run_worker, sweep_args
@@ -52,6 +53,10 @@ def test_lr_vs_steps_tracks_parent_children_and_tags(tmp_path):
     # the link the CLI prints opens a runs view with each trial's state, sorted by lr (trials listed flat)
     view = json.loads(exp.tags["mlflow.sharedViewState.klein_sweep"])
     assert view["orderByKey"] == "params.`train.lr`" and "metrics.`trial/state`" in view["selectedColumns"]
+    # its chart view: the trials' curves first and open, the parent's single values last and closed
+    sections = [(s["name"], s["display"]) for s in view["compareRunSections"]]
+    assert sections[:3] == [("eval", True), ("val", True), ("train", True)] and view["isAccordionReordered"], sections
+    assert sections[-5:] == [(name, False) for name in ("sweep", "boundary", "boundary/safe_steps", "collapse_step", "cost")]
     assert f"#/experiments/{exp.experiment_id}/runs?viewStateShareKey=klein_sweep" in proc.stdout
     answer = json.loads((tmp_path / "sweeps" / "lr_vs_steps" / "report.json").read_text())
     pm, ptags = parents[0].data.metrics, parents[0].data.tags
@@ -65,6 +70,10 @@ def test_lr_vs_steps_tracks_parent_children_and_tags(tmp_path):
     best = answer["best"]
     assert pm["sweep/best_value"] == pytest.approx(best["id_sim"]) and pm["sweep/best_step"] == best["step"]
     assert ptags["klein.best_cell"].startswith(f"lr_{best['setting']['train.lr']:g} at step {best['step']}")
+    # the answer as the parent run's description; the settings every trial shares as its params
+    assert ptags["mlflow.note.content"] == answer["answer"]["tags"]["mlflow.note.content"]
+    assert f"**Best cell**: lr={best['setting']['train.lr']:.2e} at step {best['step']}" in ptags["mlflow.note.content"]
+    assert parents[0].data.params["model.name"] == "tiny" and parents[0].data.params["train.rank"] == "16"
     collapsed = {p["setting"]["train.lr"]: p["collapse_step"] for p in answer["boundary"]["trainings"] if p["collapse_step"] is not None}
     assert {k: v for k, v in pm.items() if k.startswith("collapse_step/")} == {f"collapse_step/lr_{lr:g}": s for lr, s in collapsed.items()}
     for child in children:
@@ -80,7 +89,12 @@ def test_lr_vs_steps_tracks_parent_children_and_tags(tmp_path):
         for key in ("eval/id_sim", "eval/kid", "eval/prior_kid", "eval/fid", "eval/is", "eval/leak"):
             steps = [m.step for m in client.get_metric_history(rid, key)]
             assert steps and set(steps) <= {2, 4}, key
+        # params: what tells the trials apart (MLflow prints them all above each sample grid); the
+        # whole resolved config in config.yaml
+        assert child.data.params == {"train.lr": child.data.params["train.lr"], "train.steps": "4"}
         assert child.data.params["train.lr"] in ("0.0001", "0.0004")
+        config = yaml.safe_load(open(client.download_artifacts(rid, "config.yaml", str(tmp_path))))
+        assert config["train"]["lr"] == float(child.data.params["train.lr"]) and config["eval"]["seeds"] == [0, 1]
         arts = {a.path for a in client.list_artifacts(rid)}
         assert {"images", "lora"} <= arts
         # sample grids by key and step (MLflow's image viewer): one key per prompt set, each checkpoint

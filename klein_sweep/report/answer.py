@@ -8,7 +8,9 @@ view show it without opening report.md.
                    boundary/slope_low, boundary/slope_high, boundary/intercept, boundary/sigma,
                    boundary/n_points, boundary/n_censored (the fit, when there is one),
                    boundary/safe_steps/<lr> (the lower end of the band at each grid lr)
-  parent tags      klein.best_cell (the best setting and step), klein.boundary (the fit in words)
+  parent tags      klein.best_cell (the best setting and step), klein.boundary (the fit in words),
+                   mlflow.note.content (the run's description in MLflow's UI: the best cell, the
+                   boundary per training and the fit, in a few lines of markdown)
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import re
 
 from klein_sweep.boundary.fit import BoundaryFit
 from klein_sweep.record import CheckpointRow
-from klein_sweep.report.results import SweepResults, TrialResult
+from klein_sweep.report.results import SweepResults, TrialResult, fmt_value, setting_label
+
+DESCRIPTION_TAG = "mlflow.note.content"  # MLflow's UI shows this tag as the run's description (markdown)
 
 
 def setting_slug(setting: dict) -> str:
@@ -62,4 +66,38 @@ def sweep_answer(results: SweepResults, lines: list, fit: BoundaryFit | None,
         for row in safe_steps(results, lines, fit):
             metrics[f"boundary/safe_steps/lr_{row.lr:g}"] = round(row.low)
         tags["klein.boundary"] = f"log10(collapse step) = {fit.intercept:.3f} + {fit.slope:.3f} * log10(lr)"
+    tags[DESCRIPTION_TAG] = answer_description(results, lines, fit, best)
     return metrics, tags
+
+
+def answer_description(results: SweepResults, lines: list, fit: BoundaryFit | None,
+                       best: tuple[TrialResult, CheckpointRow] | None) -> str:
+    """The answer in markdown, for the parent run's description: the best cell, each training's
+    collapse step with the fitted "safe up to" at its lr, and the fit. report.md has the rest."""
+    from klein_sweep.report.boundary import safe_steps
+
+    objective = results.objective
+    out = [f"**Sweep `{results.name}`**: {len(results.trials)} trials finished "
+           f"({len(results.refinement)} of them refinement past the grid), {len(results.failed)} failed.", ""]
+    if best is not None:
+        trial, row = best
+        out.append(f"**Best cell**: {setting_label(trial.setting)} at step {row.step} (trial {trial.number}): "
+                   f"{objective} {fmt_value(row.value(objective))}, state {row.state}.")
+    else:
+        out.append("**Best cell**: no usable checkpoint.")
+    safe = {row.lr: row for row in safe_steps(results, lines, fit)}
+    if lines:
+        out += ["", "| setting | first collapsed step | found by | safe up to (fit) |", "|---|---|---|---|"]
+        for line in lines:
+            step = line.collapse_step if line.collapse_step is not None else f"none up to {line.last_step}"
+            at = safe.get(line.setting.get("train.lr")) if line.trial.refine is None else None
+            out.append(f"| {setting_label(line.setting)} | {step} | {line.found_by} | {f'{at.low:,.0f} steps' if at else '-'} |")
+    if fit is not None:
+        lo, hi = fit.slope_interval
+        out += ["", f"**Boundary fit**: collapse step ~ lr^{fit.slope:.2f} ({round(fit.confidence * 100)}% interval of the "
+                    f"slope {lo:.2f} ... {hi:.2f}), through {fit.n_points} trainings ({fit.n_censored} still fine at their "
+                    "last step). Safe up to: the lower end of the fit's band at that lr."]
+    else:
+        out += ["", "**Boundary fit**: none (a line needs collapses at two learning rates)."]
+    out += ["", "The full report is this run's artifact `report/report.md`."]
+    return "\n".join(out)

@@ -5,6 +5,7 @@ does any work (check_tracking_store)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from klein_sweep.errors import KleinSweepError
@@ -54,10 +55,11 @@ def open_parent_run(study, plan: SweepPlan):
         "sweep.n_cells": len(plan.cells), "sweep.step_values": plan.step_values,
         "sweep.steps_are_checkpoints": plan.steps_are_checkpoints,
         "sweep.params": {k: (v.values if v.type == "categorical" else [v.low, v.high]) for k, v in s.params.items()},
+        **shared_params(plan),
     })
     study.set_user_attr(StudyAttr.PARENT_RUN, parent.run_id)
     record_tracking_store(study, plan)
-    parent.share_runs_view(*runs_view_columns(plan))
+    parent.share_runs_view(*runs_view_columns(plan), chart_sections=runs_view_sections(plan))
     log_cost_prediction(parent, plan)
     return parent
 
@@ -102,6 +104,49 @@ def runs_view_columns(plan: SweepPlan) -> tuple[list[str], str]:
     columns += ["tags.`klein.state`", "tags.`klein.collapse_reason`"]
     order = "train.lr" if "train.lr" in swept else (swept[0] if swept else "train.lr")
     return columns, f"params.`{order}`"
+
+
+def shared_params(plan: SweepPlan) -> dict:
+    """The settings every trial of the sweep shares, as params of the parent run (a trial's run
+    has only its swept keys and steps, training/trial.py): TRIAL_PARAMS that are not swept and
+    equal in every cell or corner of the search space (train.alpha follows a swept train.rank),
+    and the evaluation recipe. Every resolved value: each trial's config.yaml artifact."""
+    from klein_sweep.config import flatten
+    from klein_sweep.config.recipes import recipe_name
+    from klein_sweep.sweep.plan import apply_params, search_corners
+    from klein_sweep.training.trial import TRIAL_PARAMS
+
+    every = [apply_params(plan.base_cfg, cell, output_dir="") for cell in plan.cells or search_corners(plan.sweep) or [{}]]
+    flats = [flatten(dataclasses.asdict(s)) for s in every]
+    params = {k: flats[0][k] for k in TRIAL_PARAMS if k not in plan.sweep.params and all(f[k] == flats[0][k] for f in flats)}
+    settings = every[0]
+    if settings.eval.enabled:
+        params["eval.recipe"] = recipe_name(settings.eval, settings.model)
+    return params
+
+
+# Metric prefixes only the parent run logs (single values at step 0): last in the chart view, collapsed.
+PARENT_SECTIONS = ("sweep", "boundary", "boundary/safe_steps", "collapse_step", "cost")
+
+
+def runs_view_sections(plan: SweepPlan) -> list[tuple[str, bool]]:
+    """The chart view's sections, (metric prefix, expanded?): first the trials' curves - the
+    sampled metrics, the validation losses, the training loss, then what the evaluation settings
+    add, the trials' outcomes and their sample grids - then the parent's answer, collapsed. Only
+    sections some trial will fill: the UI shows a listed section even when it stays empty."""
+    from klein_sweep.sweep.plan import apply_params
+
+    e = apply_params(plan.base_cfg, plan.cells[0] if plan.cells else {}, output_dir="").eval
+    sections = ["eval"]  # eval/collapsed at every sampled checkpoint, with or without evaluation
+    if e.enabled:
+        sections += ["val", "train"]
+        sections += ["eval_full"] if e.screening_seeds else []
+        sections += ["eval_distilled"] if e.also_distilled else []
+        sections += [f"eval_strength_{s:g}" for s in e.lora_scales if s != 1.0]
+        sections += ["trial", "samples"]
+    else:
+        sections += ["train", "trial"]
+    return [(name, True) for name in sections] + [(name, False) for name in PARENT_SECTIONS]
 
 
 def log_cost_prediction(parent, plan: SweepPlan) -> None:

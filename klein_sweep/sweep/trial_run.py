@@ -51,12 +51,17 @@ def start_trial(study, trial, plan: SweepPlan, shared, parent) -> TrialRun:
     plan_t = refine_trial_plan(settings, plan, refine) if refine else trial_plan(settings, plan)
     # Saved for a later continuation past the grid (an extension is not continued again).
     plan_t.save_state = plan.sweep.refine and (refine is None or refine.kind == "bisect")
+    plan_t.swept = tuple(params)
     prepared, policy = shared.get(plan_t, settings)
-    tracker = open_child_run(settings, plan, trial, params, parent, refine)
+    tracker = open_child_run(settings, plan, trial, params, parent, refine, colour=setting_colour(study, plan, params))
     if tracker.run_id:
         trial.set_user_attr(Attr.RUN_ID, tracker.run_id)
+        log_trial_config(tracker, settings)
+    continues = continued_record(study, refine)
     recorder = TrialRecorder(settings, policy, tracker, n_images=len(plan_t.examples), objective=plan.sweep.objective,
-                             direction=plan.sweep.direction, report=trial.report, continues=continued_record(study, refine))
+                             direction=plan.sweep.direction, report=trial.report, continues=continues)
+    if continues is not None:
+        log_join(tracker, continues, refine.from_step)
     return TrialRun(trial, params, settings, plan_t, prepared, tracker, recorder)
 
 
@@ -179,13 +184,20 @@ def suggest(trial, plan: SweepPlan) -> dict:
     return params
 
 
-def open_child_run(settings: Settings, plan: SweepPlan, trial, params: dict, parent, refine=None):
+def open_child_run(settings: Settings, plan: SweepPlan, trial, params: dict, parent, refine=None, colour: str | None = None):
+    """The trial's MLflow run under the study's parent. Tagged `klein.setting` (the swept values,
+    e.g. lr_0.0001: a grid trial and the continuation of its training share it, for MLflow's
+    group-by) and `mlflow.runColor` (`colour`: the line colour MLflow's charts draw the run in)."""
+    from klein_sweep.report.answer import setting_slug
     from klein_sweep.tracking import MlflowTracker, NullTracker
 
     if parent is None:
         return NullTracker()
     label = " ".join(f"{k.split('.')[-1]}={v}" for k, v in params.items())
-    tags = {"optuna.trial": trial.number, "optuna.study": plan.sweep.name, **{f"cell.{k}": v for k, v in params.items()}}
+    tags = {"optuna.trial": trial.number, "optuna.study": plan.sweep.name, **{f"cell.{k}": v for k, v in params.items()},
+            "klein.setting": setting_slug(params)}
+    if colour:
+        tags[RUN_COLOUR_TAG] = colour
     if refine is not None:  # marked in the runs table: the grid's rows stay the grid's
         label = f"refine {refine.kind} {label} to step {refine.to_step}"
         tags.update({"klein.refine": refine.kind, "klein.refine_detail": refine.describe()})
@@ -196,3 +208,57 @@ def open_child_run(settings: Settings, plan: SweepPlan, trial, params: dict, par
         parent_run_id=parent.run_id,
         tags=tags,
     )
+
+
+RUN_COLOUR_TAG = "mlflow.runColor"  # the MLflow UI draws a run in this colour (its colour picker sets it)
+# Distinct colours of MLflow's own run palette, most different first.
+RUN_COLOURS = ("#137dae", "#c83243", "#308613", "#8a63bf", "#de7921", "#04867d", "#b45091", "#a6630c", "#434a93",
+               "#1f272d", "#4299e0", "#e65b77", "#3ba65e", "#93320b", "#5f7281", "#facb66")
+
+
+def setting_colour(study, plan: SweepPlan, cell: dict) -> str | None:
+    """One colour per setting, so that a refinement continuation draws on in its grid trial's
+    colour and the charts show one line per lr: the grid's cells in order, then the bisected
+    settings in the order they were queued. None without a grid (MLflow's own colours)."""
+    from klein_sweep.sweep.plan import cell_key
+
+    if not plan.cells:
+        return None
+    order = [cell_key(c) for c in plan.cells]
+    for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+        spec = refine_spec(t)
+        if spec is not None and cell_key(spec.cell) not in order:
+            order.append(cell_key(spec.cell))
+    key = cell_key(cell)
+    return RUN_COLOURS[(order.index(key) if key in order else len(order)) % len(RUN_COLOURS)]
+
+
+def log_join(tracker, continued, step: int) -> None:
+    """A continuation's curves start where the training it continues stopped: the sampled
+    metrics and validation losses of `continued` (its TrialRecord) at `step`, the state the
+    continuation starts from, logged at that step - so in MLflow's charts the grid trial's line
+    and its continuation's (one colour: setting_colour) meet."""
+    row = next((r for r in continued.rows if r.step == step and r.metrics), None)
+    point = next((v for v in continued.validation if v.step == step), None)
+    metrics = {f"eval/{k}": v for k, v in row.metrics.items()} if row is not None else {}
+    if point is not None:
+        metrics.update({"val/fit_loss": point.fit_loss, "val/prior_loss": point.prior_loss})
+    if metrics:
+        tracker.log_metrics(metrics, step=step)
+
+
+def log_trial_config(tracker, settings: Settings) -> None:
+    """The trial's resolved settings as its run's config.yaml artifact (as a single trial's run
+    has): its params are only the few a user compares (training/trial.py, trial_params)."""
+    import dataclasses
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from klein_sweep.redaction import redact_values
+
+    folder = Path(settings.output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.yaml"
+    path.write_text(OmegaConf.to_yaml(OmegaConf.create(redact_values(dataclasses.asdict(settings)))))
+    tracker.log_artifact(path)
