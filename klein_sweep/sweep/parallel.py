@@ -117,8 +117,7 @@ def run_parallel(plan: SweepPlan, workers: int) -> SweepSummary:
         for p in processes:
             if p.is_alive():
                 os.kill(p.pid, signal.SIGINT)
-        for p in processes:
-            p.join(timeout=60)
+        stop_workers(processes, grace=WORKER_GRACE_S)
         close_parent_run(study, parent, "KILLED")
         raise
     finally:
@@ -138,6 +137,31 @@ def run_parallel(plan: SweepPlan, workers: int) -> SweepSummary:
                            workers=workers)
     summary.report_dir = finish_sweep(study, plan, parent)
     return summary
+
+
+# Seconds an interrupted worker has to mark its trial and exit. A worker that does not (one
+# interrupted inside a storage commit can wait on a lock it will never get) is terminated, then
+# killed: its trial stays RUNNING and the same command runs it again.
+WORKER_GRACE_S = 10.0
+
+
+def stop_workers(processes: list, grace: float) -> None:
+    """Wait up to `grace` seconds in all for the workers to exit, then SIGTERM, then SIGKILL:
+    a Ctrl-C ends the command within seconds whatever a worker was doing."""
+    deadline = time.monotonic() + grace
+    for p in processes:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    for stop in ("terminate", "kill"):
+        alive = [p for p in processes if p.is_alive()]
+        if not alive:
+            return
+        log.warning("%s did not exit %d s after Ctrl-C: %s", ", ".join(p.name for p in alive), grace,
+                    "terminating" if stop == "terminate" else "killing")
+        for p in alive:
+            getattr(p, stop)()
+        stage_deadline = time.monotonic() + 3
+        for p in alive:
+            p.join(timeout=max(0.0, stage_deadline - time.monotonic()))
 
 
 def refinement_count(study) -> int:
