@@ -21,12 +21,56 @@ def test_dry_run_prints_the_preview_writes_cost_json_and_creates_nothing_else(tm
     # The shipped mini sweep: 5 learning rates trained once to 2500 steps, evaluated at 5 steps each.
     assert (cost["trainings"], cost["optimizer_steps"], cost["checkpoints_evaluated"]) == (5, 12500, 25)
     assert {"train_pflop", "eval_pflop", "eval_share", "gpu_hours"} <= set(cost)
-    assert cost["eval_share"] == pytest.approx(cost["eval_pflop"] / (cost["train_pflop"] + cost["eval_pflop"]), abs=1e-4)
+    assert re.search(rf"eval share +{round(100 * cost['eval_share'])}%", proc.stdout)  # the file says what was printed
     # sweep.refine's bound, apart: 5 lrs continued 2500 -> 5000, and 3 bisections trained to 2500 and continued
     assert cost["refine_max_steps"] == 5 * 2500 + 3 * (2500 + 2500) and cost["refine_max_pflop"] > 0
     assert re.search(r"refinement, at most \(sweep.refine\) +\+27,500 steps", proc.stdout)
     assert sorted(p.name for p in (tmp_path / "sweeps" / "lr_vs_steps").iterdir()) == ["cost.json"]  # no study
     assert not (tmp_path / "mlflow.db").exists()
+
+
+SMALL = ["+sweep=lr_vs_steps", "sweep.refine=false", "model=tiny", "data=tiny_character", "eval.seeds=[0,1]",
+         "eval.trigger_prompts=['photo of [trigger]']", "eval.prior_prompts=['photo of a creature']",
+         "sweep.params.train.lr.values=[1e-4,4e-4]", "sweep.dry_run=true"]
+
+
+def small_cost(tmp_path, *extra):
+    from klein_sweep.cost.preview import estimate_sweep_cost
+
+    return estimate_sweep_cost(compose_plan([*SMALL, f"sweep.output_dir={tmp_path}", *extra]))
+
+
+def test_the_preview_counts_a_small_sweeps_samples_and_scales_evaluation_with_its_checkpoints(tmp_path):
+    """Counted by hand: 2 lrs (one training each), checkpoints at steps 2 and 4 (the tiny model
+    runs the full recipe: no screening; every 250 steps of validation: none before step 4). A
+    checkpoint draws (1 trigger + 1 prior prompt) x 2 seeds x 1 strength = 4 samples: 2 trainings
+    x 2 checkpoints x 4 = 16. The base model's reference, once per sweep: (1 trigger + 2 x 1 prior)
+    x 2 seeds = 6, and its 2 prior samples once more for the validation loss: 8. 24 in all."""
+    two = small_cost(tmp_path, "sweep.params.train.steps.values=[2,4]")
+    assert (two.trainings, two.optimizer_steps, two.checkpoints_evaluated, two.samples) == (2, 8, 4, 24)
+    # a second LoRA strength draws every checkpoint's samples again, not the base model's
+    scales = small_cost(tmp_path, "sweep.params.train.steps.values=[2,4]", "eval.lora_scales=[0.5,1.0]")
+    assert scales.samples == 2 * 16 + 8 and scales.train_pflop == two.train_pflop
+    # checkpoints 2 -> 4 -> 8 per training: the evaluation FLOPs beyond the once-per-sweep
+    # reference double with each doubling, so each step up adds twice the one before
+    four = small_cost(tmp_path, "sweep.params.train.steps.values=[2,4,6,8]")
+    eight = small_cost(tmp_path, "sweep.params.train.steps.values=[2,4,6,8,10,12,14,16]")
+    assert (four.checkpoints_evaluated, eight.checkpoints_evaluated) == (8, 16)
+    assert (four.samples, eight.samples) == (2 * 4 * 4 + 8, 2 * 8 * 4 + 8)
+    assert eight.eval_pflop - four.eval_pflop == pytest.approx(2 * (four.eval_pflop - two.eval_pflop), rel=1e-9)
+    assert four.eval_pflop - two.eval_pflop > 0
+    # twice the optimizer steps: twice the training FLOPs
+    assert (four.optimizer_steps, eight.optimizer_steps) == (16, 32)
+    assert eight.train_pflop == pytest.approx(2 * four.train_pflop, rel=1e-9)
+    assert four.train_pflop == pytest.approx(2 * two.train_pflop, rel=1e-9)
+
+
+def test_a_sweep_without_evaluation_costs_only_its_training(tmp_path):
+    on = small_cost(tmp_path, "sweep.params.train.steps.values=[2,4]")
+    off = small_cost(tmp_path, "sweep.params.train.steps.values=[2,4]", "eval=none")
+    assert (off.checkpoints_evaluated, off.samples, off.eval_pflop, off.eval_share) == (0, 0, 0.0, 0.0)
+    assert off.train_pflop == on.train_pflop > 0 and 0 < on.eval_share < 1
+    assert off.to_json()["eval_share"] == 0.0
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +83,7 @@ def images_1024(tmp_path_factory):
 
 
 @pytest.mark.parametrize("size", ["9b", "4b"])
-def test_the_real_model_recipe_keeps_evaluation_at_most_a_quarter(tmp_path, images_1024, size):
+def test_the_real_model_recipe_keeps_evaluation_at_most_half(tmp_path, images_1024, size):
     from klein_sweep.config import build_settings
     from klein_sweep.cost.flops import model_flops
     from klein_sweep.cost.preview import estimate_sweep_cost
@@ -48,7 +92,8 @@ def test_the_real_model_recipe_keeps_evaluation_at_most_a_quarter(tmp_path, imag
             "data.resolution=1024", "sweep.dry_run=true", f"sweep.output_dir={tmp_path}"]
     economy = estimate_sweep_cost(compose_plan(base))
     full = estimate_sweep_cost(compose_plan([*base, "eval.recipe=full"]))
-    assert economy.eval_share <= 0.25 < 0.75 < full.eval_share
+    # economy: 512 px at the model's own steps, one screening seed (docs/evaluation_cost.md)
+    assert economy.eval_share <= 0.5 < 0.75 < full.eval_share
     assert economy.train_pflop == full.train_pflop  # the recipe changes evaluation only
     step = model_flops(build_settings(compose_plan(base).base_cfg), 1024).train_step
     assert economy.train_pflop == pytest.approx(12500 * step / 1e15)

@@ -47,8 +47,8 @@ def test_a_9b_dry_run_prints_prompts_for_the_users_character(tmp_path):
     assert "photo of ohwx woman in a cafe" in proc.stdout and "\n    photo of a woman\n" in proc.stdout  # the leak probe
     assert "creature" not in proc.stdout
     # the plan: recipe, seeds, resolution, steps, which checkpoints get the full recipe
-    assert "screened with seeds [0] at 512 px, 10 steps, CFG 4" in proc.stdout
-    assert "the full recipe (4 seeds at 512 px, 20 steps, CFG 4) where it decides" in proc.stdout
+    assert "screened with seeds [0] at 512 px, 50 steps, CFG 4" in proc.stdout
+    assert "the full recipe (4 seeds at 512 px, 50 steps, CFG 4) where it decides" in proc.stdout
     assert "every checkpoint (500, 1000, 1500, 2000, 2500)" in proc.stdout
 
 
