@@ -22,7 +22,8 @@ def single(tiny_data, lr, steps, **kw):
 def laned(tiny_data, lrs, steps, **kw):
     pipe, data, cfg, params = setup(tiny_data, lr=lrs[0], grad_accum=2)
     adapters = LaneAdapters(pipe.transformer, len(lrs))
-    specs = [LaneSpec(lr=lr, save_state_to=kw.pop(f"save_{i}", None)) for i, lr in enumerate(lrs)]
+    specs = [LaneSpec(lr=lr, save_state_to=kw.pop(f"save_{i}", None), resume_from=kw.pop(f"resume_{i}", None))
+             for i, lr in enumerate(lrs)]
     results = train_lanes(pipe.transformer, adapters, specs, data, cfg, steps=steps, device="cpu", caption_dropout=0.5,
                           progress=False, **kw)
     return pipe, adapters, params, results
@@ -77,6 +78,18 @@ def test_a_lanes_saved_state_continues_on_the_single_path(tiny_data, tmp_path):
     rest, continued = single(tiny_data, LRS[1], steps=9, resume_from=state)
     assert rest.steps_done == 9 and len(rest.losses) == 4
     assert close(continued, expected)
+
+
+def test_saved_lanes_resume_together_as_each_training_would_alone(tiny_data, tmp_path):
+    """Refinement continuations train as lanes: each lane resumes its own saved state (LoRA,
+    optimizer moments, schedule) and ends where its uninterrupted single training ends."""
+    laned(tiny_data, LRS, steps=5, **{f"save_{i}": tmp_path / f"lane{i}.pt" for i in range(len(LRS))})
+    states = {f"resume_{i}": load_train_state(tmp_path / f"lane{i}.pt") for i in range(len(LRS))}
+    _, adapters, _, results = laned(tiny_data, LRS, steps=9, **states)
+    for lane, lr in enumerate(LRS):
+        reference, expected = single(tiny_data, lr, steps=9)
+        assert results[lane].steps_done == 9 and results[lane].losses == pytest.approx(reference.losses[5:], rel=1e-4)
+        assert close(adapters.params[lane], expected), f"lane {lane} (lr {lr}) resumed off its own training"
 
 
 def test_a_sweep_with_lanes_records_each_trial_as_if_it_ran_alone(tmp_path):

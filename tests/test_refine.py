@@ -129,3 +129,23 @@ def test_each_setting_has_its_colour_and_the_parent_run_describes_the_answer(tmp
     assert "| lr=1.00e-04 | 3500 | grid, continued past step 2500 |" in text and "| lr=2.00e-04 | 2500 | bisection | - |" in text, text
     assert "| lr=4.00e-04 | 2000 | grid |" in text and " steps |" in text, text  # the fit's safe steps at the grid's lrs
     assert "**Boundary fit**: collapse step ~ lr^-" in text and "through 3 trainings (0 still fine" in text, text
+
+
+def test_continuations_ready_together_train_as_lanes(tmp_path, caplog):
+    """The grid's two trainings as lanes, then their two continuations as lanes too: each
+    resumes its own saved state (tests/test_lanes.py checks the weights against training alone)
+    and is recorded from the step it continues from."""
+    import logging
+
+    from klein_sweep.sweep.worker import run_sweep
+
+    folder = tmp_path / "sweeps" / "lr_vs_steps"
+    plan = compose_plan([*GRID, "sweep.lanes=2", f"data.cache_dir={tmp_path / 'cache'}", f"sweep.output_dir={folder}", "tracking=none"])
+    with caplog.at_level(logging.INFO, logger="klein_sweep"):
+        assert run_sweep(plan, progress=False).failed == []
+    grouped = [r.getMessage() for r in caplog.records if "trained as 2 lanes" in r.getMessage()]
+    assert [m.split(":")[0] for m in grouped] == ["trials [0, 1]", "trials [2, 3]"], grouped
+    refined = [t for t in load_study(folder).trials if "refine" in t.user_attrs]
+    assert sorted(t.number for t in refined) == [2, 3]
+    for t in refined:
+        assert [c["step"] for c in t.user_attrs["checkpoints"]] == [6, 8]

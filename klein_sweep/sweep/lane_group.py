@@ -1,4 +1,4 @@
-"""Grid trials that differ only in learning rate, trained together as lanes of one batched
+"""Trials that differ only in learning rate (grid cells, or continuations from one saved step), trained together as lanes of one batched
 forward (training/lanes.py; sweep.lanes). Each stays its own Optuna trial with its own heartbeat,
 MLflow run, evaluation, record and LoRA files, as if it had run alone.
 

@@ -150,23 +150,43 @@ def lane_companions(study, first, plan: SweepPlan, lanes: int) -> tuple[list, ob
     from optuna.trial import TrialState
 
     cell = first.user_attrs.get(Attr.CELL)
-    if lanes <= 1 or plan.sweep.sampler != "grid" or cell is None or first.user_attrs.get(Attr.REFINE):
+    spec = RefineSpec.from_json(first.user_attrs.get(Attr.REFINE))
+    if lanes <= 1 or plan.sweep.sampler != "grid" or cell is None or not lane_ready(spec, plan):
         return [], None
+
+    def fits(other_cell, other_spec) -> bool:
+        """Grid cells with grid cells; continuations with continuations between the same steps
+        (lanes resume together from one saved step, training/lanes.py); each differing in lr only."""
+        if (spec is None) != (other_spec is None) or not differs_in_lr_only(other_cell, cell):
+            return False
+        return spec is None or (lane_ready(other_spec, plan) and (other_spec.from_step, other_spec.to_step) == (spec.from_step, spec.to_step))
+
     companions = []
     while len(companions) < lanes - 1:
         waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
         if not waiting:
             break
         front = min(waiting, key=lambda t: t.number)  # the storage hands out the lowest number first
-        if front.user_attrs.get(Attr.REFINE) or not differs_in_lr_only(front.system_attrs.get("fixed_params"), cell):
+        if not fits(front.system_attrs.get("fixed_params"), RefineSpec.from_json(front.user_attrs.get(Attr.REFINE))):
             break
         trial = next_trial(study, plan, wait=False)
         if trial is None:
             break
-        if trial.user_attrs.get(Attr.REFINE) or not differs_in_lr_only(trial.user_attrs.get(Attr.CELL), cell):
+        if not fits(trial.user_attrs.get(Attr.CELL), RefineSpec.from_json(trial.user_attrs.get(Attr.REFINE))):
             return companions, trial
         companions.append(trial)
     return companions, None
+
+
+def lane_ready(spec: RefineSpec | None, plan: SweepPlan) -> bool:
+    """A grid cell, or a continuation whose saved state is there to resume (a bisection trains
+    alone: it shares no start with anything queued)."""
+    from klein_sweep.training.resume import STATE_FILE
+
+    if spec is None:
+        return True
+    return spec.kind == "extend" and spec.from_trial is not None and (
+        plan.output_dir / "trials" / f"{spec.from_trial:04d}" / STATE_FILE).exists()
 
 
 def differs_in_lr_only(cell: dict | None, other: dict) -> bool:

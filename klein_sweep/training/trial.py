@@ -207,12 +207,13 @@ class LaneTraining:
 
 def lanes_compatible(plans: list[TrialPlan]) -> bool:
     """Trials that may share one batched training: the same settings but train.lr and the
-    output folder, the same steps and checkpoints, nothing to resume."""
+    output folder, the same steps and checkpoints; all start from step 0 or all resume (from one
+    step: the checkpoints after it are the same)."""
     def shared(plan: TrialPlan):
         settings = {k: v for k, v in flatten(dataclasses.asdict(plan.settings)).items() if k not in ("train.lr", "output_dir")}
         return repr((settings, plan.steps, plan.callback_steps, plan.checkpoints, plan.save_state))
 
-    return len({shared(p) for p in plans}) == 1 and all(p.resume_from is None for p in plans)
+    return len({shared(p) for p in plans}) == 1 and len({p.resume_from is None for p in plans}) == 1
 
 
 def run_lane_training(
@@ -228,7 +229,7 @@ def run_lane_training(
     and saved state, as if it had run alone."""
     from klein_sweep.training.lanes import LaneAdapters
     from klein_sweep.training.loop import LaneSpec, train_lanes
-    from klein_sweep.training.resume import STATE_FILE
+    from klein_sweep.training.resume import STATE_FILE, load_train_state
 
     if not lanes_compatible(plans):
         raise ValueError("lanes: the trials differ in more than train.lr")
@@ -254,7 +255,8 @@ def run_lane_training(
     with training_stage(prepared):
         results = train_lanes(
             transformer, adapters,
-            [LaneSpec(lr=p.settings.train.lr, tracker=t, save_state_to=Path(p.settings.output_dir) / STATE_FILE if p.save_state else None)
+            [LaneSpec(lr=p.settings.train.lr, tracker=t, save_state_to=Path(p.settings.output_dir) / STATE_FILE if p.save_state else None,
+                      resume_from=load_train_state(p.resume_from) if p.resume_from else None)
              for p, t in zip(plans, trackers)],
             prepared.data, s.train, steps=plans[0].steps, device=prepared.runtime.device, checkpoints=plans[0].callback_steps,
             on_checkpoint=on_checkpoint, caption_dropout=s.data.caption_dropout, progress=progress,
