@@ -1,6 +1,7 @@
 """Trials that differ only in learning rate (grid cells, or continuations from one saved
-step), trained together as lanes of one batched forward (training/lanes.py; sweep.lanes). Each stays its own Optuna trial with its own heartbeat,
-MLflow run, evaluation, record and LoRA files, as if it had run alone.
+step), trained together as lanes of one batched forward (training/lanes.py; sweep.lanes).
+Each stays its own Optuna trial with its own heartbeat, MLflow run, evaluation, record and
+LoRA files, as if it had run alone.
 
   run_lane_group   start every trial, train them as lanes, finish and tell each
 """
