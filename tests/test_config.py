@@ -31,13 +31,82 @@ def test_default_config_builds():
     assert s.train.lr == 1e-4 and s.train.alpha == s.train.rank
 
 
+def file_values(raw: dict, prefix: str = "") -> dict:
+    """The plain values a conf file sets, by dotted key (no defaults list, no interpolations)."""
+    out = {}
+    for key, value in raw.items():
+        if key == "defaults":
+            continue
+        if isinstance(value, dict):
+            out.update(file_values(value, f"{prefix}{key}."))
+        elif not (isinstance(value, str) and ("${" in value or value == "???")):
+            out[prefix + key] = value
+    return out
+
+
+def setting(section, dotted: str):
+    for part in dotted.split("."):
+        section = section[part] if isinstance(section, dict) else getattr(section, part)
+    return list(section) if isinstance(section, tuple) else section
+
+
 @pytest.mark.parametrize("group,option", GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
-def test_every_conf_file_composes(group, option, tmp_path):
+def test_every_conf_file_composes_into_the_settings_it_names(group, option, tmp_path):
+    """Choosing a file gives the settings its values, not the defaults'; a file that only
+    overrides other groups (debug=smoke) gives those groups' settings."""
+    import yaml
+
     overrides = [f"{group}={option}"]
     if (group, option) == ("data", "folder"):
         overrides.append(f"data.path={tmp_path}")
     _, s = compose_settings(*overrides)
-    assert s.train.steps >= 1
+    raw = yaml.safe_load((CONF_DIR / group / f"{option}.yaml").read_text()) or {}
+    if hasattr(s, group):
+        values = file_values(raw)
+        assert {k: setting(getattr(s, group), k) for k in values} == values
+        if (group, option) == ("data", "folder"):
+            assert s.data.path == str(tmp_path)
+        elif str(raw.get("path", "")).startswith("${asset:"):
+            assert s.data.path.endswith(option)
+    else:  # a package of overrides of other groups
+        chosen = [d for d in raw["defaults"] if isinstance(d, dict)]
+        assert chosen
+        for entry in chosen:
+            ((key, value),) = entry.items()
+            other = key.removeprefix("override /")
+            assert getattr(s, other) == getattr(compose_settings(f"{other}={value}")[1], other), other
+
+
+@pytest.mark.parametrize(
+    "n_images,repeats,batch,grad_accum,steps",
+    [
+        (8, 80, 1, 4, 160),  # the README's train.repeats=80 train.grad_accum=4: ceil(8 x 80 / 4)
+        (8, 80, 2, 4, 80),  # two images a micro-step: half the steps
+        (8, 2.5, 1, 3, 7),  # 20 images seen / 3 per step = 6.67: rounded up, never short of the repeats
+        (8, 3, 1, 3, 8),  # exactly 24 / 3: not rounded up to 9
+        (55, 100, 1, 1, 5500),  # the schema's example: 55 images, 100 repeats
+        (55, 100, 1, 4, 1375),
+    ],
+)
+def test_repeats_set_the_steps_a_trial_trains(tmp_path, n_images, repeats, batch, grad_accum, steps):
+    """steps = ceil(N x repeats / (batch x grad_accum)), counted on the data folder's images, and
+    the repeats per image the trial logs are the repeats asked for (or just above, rounded up)."""
+    from PIL import Image
+
+    from klein_sweep.training.trial import resolve_plan
+
+    for i in range(n_images):
+        Image.new("RGB", (16, 16), (i, 90, 160)).save(tmp_path / f"{i:03d}.png")
+    _, s = compose_settings("model=tiny", "data=folder", f"data.path={tmp_path}", "data.resolution=16", "train.steps=null",
+                            f"train.repeats={repeats}", f"train.batch_size={batch}", f"train.grad_accum={grad_accum}")
+    plan = resolve_plan(s)
+    assert len(plan.examples) == n_images
+    assert plan.steps == steps
+    assert repeats <= plan.repeats_per_image < repeats + batch * grad_accum / n_images
+    # without repeats, train.steps is the step count as given
+    _, fixed = compose_settings("model=tiny", "data=folder", f"data.path={tmp_path}", "data.resolution=16", "train.steps=123",
+                                f"train.batch_size={batch}", f"train.grad_accum={grad_accum}")
+    assert resolve_plan(fixed).steps == 123
 
 
 def test_no_import_of_heavy_libraries_when_composing():

@@ -20,23 +20,27 @@ def test_ctrl_c_prints_one_line_closes_the_runs_and_the_same_command_resumes(tmp
     from mlflow.tracking import MlflowClient
     from optuna.trial import TrialState
 
-    args = sweep_args("lr_vs_steps", tmp_path, "sweep.params.train.steps.values=[100,200]", f"sweep.workers={workers}")
+    # Trials long enough (1000 steps, ~12 s on 2 AVX-512 cores) that both are still in flight
+    # when the workers get the signal, 3 s after the command does.
+    args = sweep_args("lr_vs_steps", tmp_path, "sweep.params.train.steps.values=[100,1000]", f"sweep.workers={workers}")
     worker = run_worker(args, cwd=tmp_path)
     db = tmp_path / "sweeps" / "lr_vs_steps" / "study.db"
-    deadline, interrupted = time.time() + 180, False
+    deadline, in_flight = time.time() + 300, None
     while time.time() < deadline and worker.poll() is None:
         try:
-            states = [t.state for t in load_study(db.parent).get_trials()] if db.exists() else []
+            trials = load_study(db.parent).get_trials() if db.exists() else []
         except Exception:  # the study is being created
-            states = []
-        if TrialState.RUNNING in states:
-            time.sleep(3.0)  # inside the trial's training loop
+            trials = []
+        running = [t for t in trials if t.state == TrialState.RUNNING]
+        # both cells taken: one per worker, or both lrs as lanes of one worker's training
+        if len(running) == 2:
+            in_flight = sorted(t.number for t in running)
+            time.sleep(1.0)  # inside the trials (the worker is past asking)
             worker.send_signal(signal.SIGINT)
-            interrupted = True
             break
         time.sleep(0.2)
     out, err = worker.communicate(timeout=120)
-    assert interrupted, "the sweep ended before a trial was running"
+    assert in_flight is not None, "the sweep ended before both trials were running"
     assert worker.returncode == 130, err[-3000:]
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.startswith("klein_sweep: interrupted")]
@@ -44,15 +48,17 @@ def test_ctrl_c_prints_one_line_closes_the_runs_and_the_same_command_resumes(tmp
 
     study = load_study(db.parent)
     assert not study.get_trials(states=(TrialState.RUNNING,))
-    # Pressed inside a library's garbage-collector callback, Python swallows the interrupt: the
-    # trial then finishes and the sweep stops before the next one. Either way nothing is left.
-    stopped = [t for t in study.get_trials() if t.user_attrs.get("interrupted")]
-    # In flight: one trial per worker, or with one worker both lrs as lanes of one training.
-    assert len(stopped) <= 2 and all(t.state == TrialState.FAIL for t in stopped)
+    # Exactly the two trials in flight are marked interrupted and failed, one per cell, and no
+    # other trial was started or finished
+    trials = study.get_trials()
+    stopped = [t for t in trials if t.user_attrs.get("interrupted")]
+    assert in_flight == [0, 1] and [t.number for t in trials] == [0, 1]
+    assert [t.number for t in stopped] == in_flight and all(t.state == TrialState.FAIL for t in stopped)
+    assert sorted(t.user_attrs["cell"]["train.lr"] for t in stopped) == [1e-4, 4e-4]
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("lr_vs_steps").experiment_id])
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert parent.info.status == "KILLED" and all(r.info.status in ("KILLED", "FINISHED") for r in runs)
+    assert parent.info.status == "KILLED" and all(r.info.status == "KILLED" for r in runs)  # none finished
 
     rerun = run_cli(*args, cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-3000:]

@@ -17,7 +17,6 @@ def test_slurm_launcher_config_makes_a_job_array_of_gpu_workers(tmp_path, monkey
     from hydra import compose, initialize_config_dir
     from hydra.utils import get_class
     from omegaconf import OmegaConf
-    from submitit.slurm.slurm import SlurmExecutor, _make_sbatch_string
 
     from klein_sweep.config import CONF_DIR, build_settings, register_resolvers
 
@@ -33,22 +32,38 @@ def test_slurm_launcher_config_makes_a_job_array_of_gpu_workers(tmp_path, monkey
     settings = build_settings(OmegaConf.to_container(OmegaConf.create(app), resolve=True))
     assert settings.sweep.role == "work" and settings.sweep.storage.startswith("postgresql://")
 
-    # What the plugin hands submitit (its key mapping), turned into the sbatch script submitit
-    # would submit. No srun here: submitit's cluster check is told there is one.
-    import submitit
-    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    # The real plugin launches 4 workers: its key mapping and submitit's sbatch script, submitted
+    # to a stand-in sbatch that keeps the script (srun only has to exist for submitit's check).
+    import os
+    import stat
 
-    monkeypatch.setattr(SlurmExecutor, "affinity", classmethod(lambda cls: 1))
-    base_keys = set(OmegaConf.structured(BaseQueueConf).keys())
-    params = {(k if k in base_keys else f"slurm_{k}"): v for k, v in OmegaConf.to_container(launcher, resolve=True).items()
-              if k not in ("_target_", "submitit_folder", "max_num_timeout")}
-    executor = submitit.AutoExecutor(cluster="slurm", folder=tmp_path)
-    executor.update_parameters(**params)
-    script = _make_sbatch_string(command="python -m klein_sweep", folder=tmp_path,
-                                 **{**executor._executor.parameters, "map_count": 4})
+    from hydra.utils import instantiate
+    from submitit.core.utils import DelayedSubmission
+    from submitit.slurm.slurm import SlurmJob
+
+    bin_dir, script_copy = tmp_path / "bin", tmp_path / "submitted.sh"
+    bin_dir.mkdir()
+    for name, body in (("sbatch", f'cp "$1" {script_copy}\necho "Submitted batch job 4242"\n'), ("srun", "exit 0\n")):
+        (bin_dir / name).write_text("#!/bin/sh\n" + body)
+        (bin_dir / name).chmod((bin_dir / name).stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(SlurmJob, "results", lambda self: [self.job_id])  # no cluster to wait for
+    monkeypatch.chdir(tmp_path)  # hydra.sweep.dir and the submitit folder are relative: multirun/...
+
+    plugin = instantiate(launcher)
+    plugin.setup(hydra_context=None, task_function=lambda cfg: None, config=cfg)
+    returned = plugin.launch([[f"sweep.worker={i}"] for i in range(4)], initial_job_idx=0)
+    assert returned == [f"4242_{i}" for i in range(4)]  # one job array, a task per worker
+    script = script_copy.read_text()
     for flag in ("--array=0-3%4", "--gpus-per-node=1", "--partition=gpu", "--time=2880", "--job-name=klein_sweep",
-                 "--cpus-per-task=8", "--mem=64GB"):
-        assert flag in script, (flag, script)
+                 "--cpus-per-task=8", "--mem=64GB", "--nodes=1", "--ntasks-per-node=1"):
+        assert f"#SBATCH {flag}\n" in script, (flag, script)
+    assert "--account" not in script  # account: null is left to the cluster's default
+    # each array task runs the app with its own worker index
+    pickles = sorted((tmp_path / "multirun").rglob("*_submitted.pkl"))
+    assert len(pickles) == 4
+    overrides = sorted(DelayedSubmission.load(path).args[0] for path in pickles)
+    assert overrides == [[f"sweep.worker={i}"] for i in range(4)]
 
 
 @pytest.mark.slow

@@ -9,19 +9,28 @@ from safetensors import safe_open
 from test_lora import sample, trained_like
 
 from klein_sweep.lora.io import save_lora
-from klein_sweep.lora.export import EXPORT_WEIGHT_NAME, export_comfyui, read_diffusers_lora
+from klein_sweep.lora.export import EXPORT_WEIGHT_NAME, export_comfyui
 from klein_sweep.models.tiny import build_tiny_pipeline
 
 
-def deltas(pairs: dict, scale_of) -> dict[str, torch.Tensor]:
-    return {m: (b.float() @ a.float()) * scale_of(m, a) for m, (a, b) in pairs.items()}
+def live_deltas(transformer, rank: int, alpha: float) -> dict[str, torch.Tensor]:
+    """module -> the weight change the LoRA in the model applies, B @ A x alpha / rank, from the
+    model's own PEFT layers (not from any file), with the scale checked against peft's own."""
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for name, module in transformer.named_modules():
+        if isinstance(module, LoraLayer) and "default" in module.lora_A:
+            assert module.scaling["default"] == alpha / rank
+            a, b = module.lora_A["default"].weight.detach().float(), module.lora_B["default"].weight.detach().float()
+            out[name] = (b @ a) * (alpha / rank)
+            torch.testing.assert_close(out[name], module.get_delta_weight("default").float(), atol=1e-6, rtol=1e-5)
+    return out
 
 
 @pytest.mark.parametrize("preset,rank,alpha", [("attn", 4, 1.0), ("all_linear", 8, 32.0)])
 def test_export_round_trips_through_the_diffusers_converter(tmp_path, preset, rank, alpha):
     from diffusers import Flux2KleinPipeline
-
-    from klein_sweep.lora.export import module_scale
 
     pipe = build_tiny_pipeline(seed=0)
     trained_like(pipe, rank, alpha, preset=preset)
@@ -35,8 +44,8 @@ def test_export_round_trips_through_the_diffusers_converter(tmp_path, preset, ra
     assert "diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight" in keys  # q/k/v fused
     assert not any(".to_q." in k for k in keys)
 
-    pairs, meta = read_diffusers_lora(ours)
-    expected = deltas(pairs, lambda m, a: module_scale(meta, m, a.shape[0]))
+    expected = live_deltas(pipe.transformer, rank, alpha)
+    assert expected
     converted = Flux2KleinPipeline.lora_state_dict(str(exported))  # diffusers detects the layout itself
     back = {}
     for key, value in converted.items():

@@ -62,23 +62,17 @@ def test_auto_uses_every_core_for_long_cpu_trials_only(tmp_path):
     assert resolve_workers(plan("sweep.role=work")) == 1
 
 
-def _ask_all(url: str, out) -> None:
-    """A worker process: ask until the queue is empty, the way the sweep's queue asks."""
+def _take_all(plan, out) -> None:
+    """A worker process: take queued cells with the sweep's own next_trial until none is left."""
     import optuna
-    from optuna.trial import TrialState
 
-    from klein_sweep.sweep.study import ask_lock
+    from klein_sweep.sweep.queue import next_trial
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name="race", storage=url)
+    study = optuna.load_study(study_name="race", storage=plan.storage_url)
     got = []
-    while study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        with ask_lock(url):
-            trial = study.ask()
-        if "fixed_params" in study._storage.get_trial(trial._trial_id).system_attrs:
-            got.append(trial.number)
-        else:  # the queue ran dry between the check and the ask
-            study.tell(trial, state=TrialState.FAIL)
+    while (trial := next_trial(study, plan, wait=False)) is not None:
+        got.append((trial.number, trial.user_attrs["cell"]["x"]))
     out.put(got)
 
 
@@ -87,18 +81,28 @@ def test_two_processes_never_get_the_same_queued_trial_from_sqlite(tmp_path):
     import multiprocessing
 
     import optuna
+    from optuna.trial import TrialState
+
+    from klein_sweep.sweep.queue import sync_grid_queue
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = f"sqlite:///{tmp_path / 'study.db'}"
+    plan = compose_plan(["+sweep=lr_vs_steps", "sweep.refine=false", "tracking=none", f"sweep.storage={url}",
+                         f"sweep.output_dir={tmp_path}"])
+    assert plan.storage_url == url and plan.sweep.sampler == "grid"
     study = optuna.create_study(study_name="race", storage=url)
-    for i in range(200):
-        study.enqueue_trial({"x": i})
+    assert sync_grid_queue(study, [{"x": i} for i in range(200)]) == 200
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
-    workers = [ctx.Process(target=_ask_all, args=(url, out)) for _ in range(2)]
+    workers = [ctx.Process(target=_take_all, args=(plan, out)) for _ in range(2)]
     for w in workers:
         w.start()
-    first, second = (set(out.get(timeout=300)) for _ in workers)
+    first, second = (out.get(timeout=300) for _ in workers)
     for w in workers:
         w.join(timeout=60)
-    assert not first & second and len(first | second) == 200
+    # every queued cell taken once, by one process, as the trial that holds it; nothing left
+    numbers = [n for n, _ in first + second]
+    assert len(numbers) == len(set(numbers)) == 200
+    assert sorted(x for _, x in first + second) == list(range(200))
+    assert first and second  # both processes took cells
+    assert not study.get_trials(states=(TrialState.WAITING,))

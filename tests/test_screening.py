@@ -24,33 +24,78 @@ def test_a_snapshot_restores_the_lora_exactly():
     assert torch.equal(sample(pipe), before)
 
 
-def test_screened_sweep_evaluates_the_deciding_checkpoints_in_full(tmp_path):
+COLLAPSE_AT = 8
+# Identity of the screened checkpoints before the collapse, as a fraction of the way from the
+# base model to the training images: 4 and 2 the two best, 6 the worst (a drop of 0.08, well
+# inside eval.id_drop_frac). The tiny model's own values are ties up to rounding.
+SCREENED_PROGRESS = {2: 0.08, 4: 0.10, 6: 0.02}
+
+
+def collapsing_at(monkeypatch, collapse_at: int) -> None:
+    """From step `collapse_at` on, the no-trigger samples of the LoRA are measured as the
+    training character itself (leak: cosine 1 to the training images, the collapse the README's
+    sweeps find), on the screened and on the full evaluation alike, and the real collapse rules
+    judge it. Before it, the screened identity is SCREENED_PROGRESS; full evaluations keep their
+    measured values."""
+    from klein_sweep.evaluation.policies import TrialEvaluation
+
+    evaluate, full_now, full_at = TrialEvaluation.evaluate, TrialEvaluation.evaluate_full_now, TrialEvaluation.evaluate_full_at
+
+    def leaked(values: dict, step: int) -> dict:
+        return {**values, "leak": 1.0} if step >= collapse_at else values
+
+    def screened(self, step, model):
+        self.lora_step = step
+        result = evaluate(self, step, model)
+        if step in SCREENED_PROGRESS:
+            base = self.policy.base
+            result.metrics["id_sim"] = base.id_sim + SCREENED_PROGRESS[step] * (base.reference_id_sim - base.id_sim)
+        result.metrics = leaked(result.metrics, step)
+        return result
+
+    def in_full_at(self, step, model):
+        self.lora_step = step  # the snapshot's LoRA is the one evaluate_full_now measures
+        return full_at(self, step, model)
+
+    def in_full_now(self, model):
+        return leaked(full_now(self, model), self.lora_step)
+
+    monkeypatch.setattr(TrialEvaluation, "evaluate", screened)
+    monkeypatch.setattr(TrialEvaluation, "evaluate_full_at", in_full_at)
+    monkeypatch.setattr(TrialEvaluation, "evaluate_full_now", in_full_now)
+
+
+def test_screened_sweep_evaluates_the_deciding_checkpoints_in_full(tmp_path, monkeypatch):
+    """Checkpoints 2 ... 10; the character leaks into the no-trigger samples at step 8.
+    Screening sees it at 8 and runs the full evaluation there at once, which confirms the
+    collapse and ends the training (step 10 never runs). At the end, the full evaluation of the
+    deciding checkpoints from their snapshots: the two best screened ones (4 and 2) and the one
+    before the first collapse (6). Exactly 2, 4, 6 and 8 are evaluated in full; the objective
+    comes from those."""
     from mlflow.tracking import MlflowClient
 
     from klein_sweep.sweep.study import open_study
     from klein_sweep.sweep.worker import run_sweep
 
+    collapsing_at(monkeypatch, COLLAPSE_AT)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     plan = compose_plan(["+sweep=lr_vs_steps", "sweep.refine=false", *COMMON, "eval.seeds=[0,1,2,3]", "eval.screening_seeds=[0,1]",
                          "eval.prior_prompts=['photo of a creature','a creature on a sky background']",
-                         "sweep.params.train.lr.values=[1e-3]", "sweep.params.train.steps.values=[2,4,6]",
+                         "sweep.params.train.lr.values=[1e-3]", "sweep.params.train.steps.values=[2,4,6,8,10]",
                          f"data.cache_dir={tmp_path / 'cache'}", f"sweep.output_dir={tmp_path / 'sweep'}", f"tracking.uri={uri}"])
     run_sweep(plan, progress=False)
     trial = open_study(plan, create=False).trials[0]
     rows = trial.user_attrs["checkpoints"]
-    best = trial.user_attrs["best_step"]
+    by_step = {r["step"]: r for r in rows}
+    assert sorted(by_step) == [2, 4, 6, 8]  # the collapse ended the training
+    assert [by_step[s]["state"] == "collapsed" for s in (2, 4, 6, 8)] == [False, False, False, True]
+    assert by_step[8]["reason"].startswith("concept leak") and trial.user_attrs["collapse_step"] == COLLAPSE_AT
     full = {r["step"] for r in rows if "full" in r}
-    # Exactly the deciding checkpoints: the two best screened, and the first collapsed one with
-    # the one before it. Not every checkpoint (no saving), and not only the last.
-    usable = [r for r in rows if r["state"] != "collapsed"]
-    expected = {r["step"] for r in sorted(usable, key=lambda r: r["id_sim"], reverse=True)[:2]}
-    steps = [r["step"] for r in rows]
-    first = next((r["step"] for r in rows if r["state"] == "collapsed"), None)
-    if first is not None:
-        expected |= {first, *steps[max(0, steps.index(first) - 1):steps.index(first)]}
-    assert best in full and full == expected and len(rows) == 3
-    best_row = next(r for r in rows if r["step"] == best)
-    assert trial.value == best_row["full"]["id_sim"]  # the objective comes from the full evaluation
+    assert full == {2, 4, 6, 8}
+    assert by_step[8]["full"]["leak"] == 1.0  # the collapse was declared on the full evaluation's values
+    best = trial.user_attrs["best_step"]
+    assert best in (2, 4, 6)
+    assert trial.value == by_step[best]["full"]["id_sim"]  # the objective comes from the full evaluation
     history = MlflowClient(uri).get_metric_history(trial.user_attrs["mlflow_run_id"], "eval_full/id_sim")
-    assert [m.step for m in history] == sorted(full)
+    assert sorted(m.step for m in history) == [2, 4, 6, 8]
     assert "## Full evaluation of the deciding checkpoints" in (tmp_path / "sweep" / "report.md").read_text()
