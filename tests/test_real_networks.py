@@ -8,41 +8,18 @@ import pytest
 import torch
 
 from conftest import run_cli
+from metric_networks import save_tiny_clip, save_tiny_dinov2
 from klein_sweep.evaluation.real_networks import ClipFeatures, Dinov2Features, load_real_network
 
 
 @pytest.fixture(scope="module")
 def local_dinov2(tmp_path_factory):
-    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
-
-    folder = tmp_path_factory.mktemp("dinov2")
-    torch.manual_seed(0)
-    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                             image_size=32, patch_size=8)).save_pretrained(folder)
-    BitImageProcessor(crop_size={"height": 32, "width": 32}, size={"shortest_edge": 32},
-                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)
-    return folder
+    return save_tiny_dinov2(tmp_path_factory.mktemp("dinov2"))
 
 
 @pytest.fixture(scope="module")
 def local_clip(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPModel
-
-    from klein_sweep.models.tiny import TINY_WORDS, build_tokenizer
-
-    folder = tmp_path_factory.mktemp("clip")
-    tokenizer = build_tokenizer(TINY_WORDS + ["red", "blue", "circle", "square", "creature", "sky", "background", "a", "on"])
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=64, eos_token_id=tokenizer.eos_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16,
-    )
-    CLIPModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_clip(tmp_path_factory.mktemp("clip"))
 
 
 def images(n=4, seed=0):
