@@ -20,9 +20,10 @@ def test_ctrl_c_prints_one_line_closes_the_runs_and_the_same_command_resumes(tmp
     from mlflow.tracking import MlflowClient
     from optuna.trial import TrialState
 
-    # Trials long enough (1000 steps, ~12 s on 2 AVX-512 cores) that both are still in flight
-    # when the workers get the signal, 3 s after the command does.
-    args = sweep_args("lr_vs_steps", tmp_path, "sweep.params.train.steps.values=[100,1000]", f"sweep.workers={workers}")
+    # A checkpoint at step 2 shows a trial is training; 2000 steps (~11 s of training on one
+    # AVX-512 core) keep both trials in flight until the workers get the signal, 3 s after the
+    # command does.
+    args = sweep_args("lr_vs_steps", tmp_path, "sweep.params.train.steps.values=[2,2000]", f"sweep.workers={workers}")
     worker = run_worker(args, cwd=tmp_path)
     db = tmp_path / "sweeps" / "lr_vs_steps" / "study.db"
     deadline, in_flight = time.time() + 300, None
@@ -32,10 +33,11 @@ def test_ctrl_c_prints_one_line_closes_the_runs_and_the_same_command_resumes(tmp
         except Exception:  # the study is being created
             trials = []
         running = [t for t in trials if t.state == TrialState.RUNNING]
-        # both cells taken: one per worker, or both lrs as lanes of one worker's training
-        if len(running) == 2:
+        # both cells taken (one per worker, or both lrs as lanes of one worker's training) and
+        # past their first checkpoint
+        if len(running) == 2 and all(t.intermediate_values for t in running):
             in_flight = sorted(t.number for t in running)
-            time.sleep(1.0)  # inside the trials (the worker is past asking)
+            time.sleep(1.5)  # past the checkpoint's logging, inside the training loop
             worker.send_signal(signal.SIGINT)
             break
         time.sleep(0.2)
