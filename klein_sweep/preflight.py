@@ -19,7 +19,7 @@ from pathlib import Path
 
 from klein_sweep.config import ModelConfig, Settings
 from klein_sweep.errors import ConfigError, ModelError
-from klein_sweep.models.registry import KLEIN_TEXT_ENCODER_CONFIGS, KNOWN_MODELS, MINI_DISTILLED_DIR, MINI_PIPELINE_DIR, model_size
+from klein_sweep.models.registry import KLEIN_TEXT_ENCODER_CONFIGS, MINI_DISTILLED_DIR, MINI_PIPELINE_DIR, download_command, model_size
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def check_model(model: ModelConfig, resolution: int, key: str = "data.resolution
     """Resolution and text layers against the model's shape; a local model folder must exist."""
     if model.kind == "pretrained" and model.path and not _is_hub_id(model.path) and not Path(model.path).expanduser().is_dir():
         raise ModelError(f"model.path: folder {model.path} does not exist; download the weights once "
-                         f"(hf download {KNOWN_MODELS.get(model.name, 'ORG/NAME')} --local-dir DIR) and set model.path=DIR")
+                         f"({download_command(model.name)}) and set model.path=DIR")
     if model.kind == "mini" and model.is_distilled:
         if not (MINI_DISTILLED_DIR / "config.json").exists():
             raise ModelError(f"{key}: the distilled mini is missing from {MINI_DISTILLED_DIR}; build it with "

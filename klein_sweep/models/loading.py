@@ -11,7 +11,8 @@ from pathlib import Path
 
 from klein_sweep.config import ModelConfig
 from klein_sweep.errors import ModelError
-from klein_sweep.models.registry import KNOWN_MODELS, MINI_DISTILLED_DIR, MINI_PIPELINE_DIR, klein_transformer_config, model_size
+from klein_sweep.models.registry import (KNOWN_MODELS, MINI_DISTILLED_DIR, MINI_PIPELINE_DIR, download_command, klein_transformer_config,
+                                         model_size)
 
 
 @dataclass
@@ -134,18 +135,13 @@ def load_transformer(model: ModelConfig, runtime: Runtime):
                                                                   torch_dtype=runtime.dtype, token=os.environ.get("HF_TOKEN") or None)
         except (OSError, ValueError) as exc:
             raise ModelError(f"could not load the transformer of model '{model.name}' from {source}: {exc.__class__.__name__}: "
-                             f"{str(exc).splitlines()[0]}. Download it once ({download_command(model, source)}) "
+                             f"{str(exc).splitlines()[0]}. Download it once ({download_command(model.name, source)}) "
                              "and set its path") from exc
     transformer.to(dtype=runtime.dtype)
     if model.quantize != "none":
         quantize_weights(transformer, model.quantize, runtime.device)
     transformer.requires_grad_(False).eval()
     return transformer
-
-
-def download_command(model: ModelConfig, source: str | None = None) -> str:
-    """The command that fetches the model's weights into a local folder."""
-    return f"hf download {KNOWN_MODELS.get(model.name, source or 'ORG/NAME')} --local-dir DIR"
 
 
 def _load_mini(runtime: Runtime, distilled: bool = False):
@@ -180,7 +176,7 @@ def _load_pretrained(model: ModelConfig, runtime: Runtime):
         where = f"the folder {source}" if local else f"the hub id {source}"
         raise ModelError(
             f"could not load model '{model.name}' from {where}: {exc.__class__.__name__}: {str(exc).splitlines()[0]}. "
-            f"Download it once ({download_command(model, source)}) "
+            f"Download it once ({download_command(model.name, source)}) "
             f"and set model.path=DIR"
         ) from exc
 

@@ -60,3 +60,8 @@ def klein_transformer_config(size: str) -> dict:
 def model_size(name: str) -> str | None:
     """"9b" / "4b" for the known real models, None otherwise."""
     return name[-2:] if name in KNOWN_MODELS and name.endswith(("_9b", "_4b")) else None
+
+
+def download_command(name: str, source: str | None = None) -> str:
+    """The command that fetches model `name`'s weights into a local folder."""
+    return f"hf download {KNOWN_MODELS.get(name, source or 'ORG/NAME')} --local-dir DIR"
