@@ -95,6 +95,10 @@ class CheckpointEvaluator:
         self.n_seeds = len(seeds)
         self.seeds = seeds
         self.base: BaseReference | None = None
+        # Features of the sets every checkpoint is measured against, computed once (compute_base)
+        self._reference_embedded: torch.Tensor | None = None
+        self._reference_identities: torch.Tensor | None = None
+        self._base_prior_features: torch.Tensor | None = None
 
     @staticmethod
     def _prompt_set(encoded, prompts: list[str], seeds: list[int]) -> PromptSet:
@@ -116,20 +120,36 @@ class CheckpointEvaluator:
         sanity = M.image_sanity(torch.cat([trig, prior]), e.flat_std, e.noise_level)
         clean_trig, clean_prior = torch.nan_to_num(trig), torch.nan_to_num(prior)
         with self.placement.stage(self.metrics_stage), self.placement.visiting("feature_network", self.net):
-            noise_mean, noise_std = M.kid(self.net, prior, other, e.kid_subset_size)
-            kid = M.kid(self.net, self.reference, clean_trig, e.kid_subset_size)[0]
-            prior_reference_kid = M.kid(self.net, self.reference, clean_prior, e.kid_subset_size)[0]
+            reference, base_prior = self._reference_features(), M.embed(self.net, prior)
+            noise_mean, noise_std = M.kid_of(base_prior, M.embed(self.net, other), e.kid_subset_size)
+            kid = M.kid_of(reference, M.embed(self.net, clean_trig), e.kid_subset_size)[0]
+            prior_reference_kid = M.kid_of(reference, M.embed(self.net, clean_prior), e.kid_subset_size)[0]
         with self.placement.stage(self.metrics_stage), self.placement.visiting("identity_network", self.id_net):
+            reference_id = self._reference_identity()
             identity = dict(
-                id_sim=M.identity_similarity(self.id_net, clean_trig, self.reference),
-                leak=M.identity_similarity(self.id_net, clean_prior, self.reference),
-                reference_id_sim=M.identity_similarity(self.id_net, self.reference, self.reference),
+                id_sim=M.mean_similarity(M.identity_embeddings(self.id_net, clean_trig), reference_id),
+                leak=M.mean_similarity(M.identity_embeddings(self.id_net, clean_prior), reference_id),
+                reference_id_sim=M.mean_similarity(reference_id, reference_id),
                 reference_sample_sim=M.mean_pairwise_similarity(self.id_net, self.reference),
             )
+        self._base_prior_features = base_prior
         self.base = BaseReference(trigger_images=trig, prior_images=prior, degenerate=sum(sanity.values()),
                                   prior_kid_noise=abs(noise_mean) + 3 * noise_std, kid=kid,
                                   prior_reference_kid=prior_reference_kid, **identity)
         return self.base
+
+    def _reference_features(self) -> torch.Tensor:
+        """The training images' features, embedded once: every checkpoint compares against them.
+        Call while the feature network visits its device."""
+        if self._reference_embedded is None:
+            self._reference_embedded = M.embed(self.net, self.reference)
+        return self._reference_embedded
+
+    def _reference_identity(self) -> torch.Tensor:
+        """The training images' identity embeddings, once (while the identity network visits)."""
+        if self._reference_identities is None:
+            self._reference_identities = M.identity_embeddings(self.id_net, self.reference)
+        return self._reference_identities
 
     def base_grids(self) -> dict[str, "PIL.Image.Image"]:  # noqa: F821
         """The base model's samples as labelled grids by prompt set: step 0 of every trial."""
@@ -151,14 +171,16 @@ class CheckpointEvaluator:
         sanity = M.image_sanity(torch.cat([trig, prior]), e.flat_std, e.noise_level)
         with self.placement.stage(self.metrics_stage):
             with self.placement.visiting("feature_network", self.net):
-                kid_mean, kid_std = M.kid(self.net, self.reference, clean_trig, e.kid_subset_size)
-                prior_kid, _ = M.kid(self.net, self.base.prior_images, clean_prior, e.kid_subset_size)
-                row = {"kid": kid_mean, "kid_std": kid_std, "fid": M.fid(self.net, self.reference, clean_trig), "prior_kid": prior_kid}
+                reference, trig_features = self._reference_features(), M.embed(self.net, clean_trig)
+                kid_mean, kid_std = M.kid_of(reference, trig_features, e.kid_subset_size)
+                prior_kid, _ = M.kid_of(self._base_prior_features, M.embed(self.net, clean_prior), e.kid_subset_size)
+                row = {"kid": kid_mean, "kid_std": kid_std, "fid": M.fid_of(reference, trig_features), "prior_kid": prior_kid}
                 if self.net.has_class_head:  # IS needs class logits: absent with DINOv2 / CLIP features
                     row["is"] = M.inception_score(self.net, clean_trig)
             with self.placement.visiting("identity_network", self.id_net):
-                row.update(id_sim=M.identity_similarity(self.id_net, clean_trig, self.reference),
-                           leak=M.identity_similarity(self.id_net, clean_prior, self.reference),
+                reference_id = self._reference_identity()
+                row.update(id_sim=M.mean_similarity(M.identity_embeddings(self.id_net, clean_trig), reference_id),
+                           leak=M.mean_similarity(M.identity_embeddings(self.id_net, clean_prior), reference_id),
                            sample_sim=M.mean_pairwise_similarity(self.id_net, clean_trig))
             if self.clip is not None:
                 with self.placement.visiting("clip", self.clip):

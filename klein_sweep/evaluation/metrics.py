@@ -29,27 +29,32 @@ def network_output(net: FeatureNetwork, kind: str, images: torch.Tensor) -> torc
     return getattr(net, kind)(images.to(device)).float().cpu()
 
 
-class _Embedder(torch.nn.Module):
-    """Adapts a FeatureNetwork to torchmetrics' `feature=` argument."""
+class _Precomputed(torch.nn.Module):
+    """torchmetrics' `feature=` module for features computed beforehand: they pass through, so a
+    set measured against several others (the training images at every checkpoint) is embedded once."""
 
-    def __init__(self, net: FeatureNetwork, logits: bool = False):
+    def __init__(self, num_features: int):
         super().__init__()
-        self.net, self.use_logits = net, logits
-        self.num_features = net.num_features
+        self.num_features = num_features
 
-    def forward(self, images):
-        out = network_output(self.net, "logits" if self.use_logits else "embed", images)
-        return out.double() if not self.use_logits else out
+    def forward(self, features):
+        return features
 
 
-def kid(net: FeatureNetwork, real: torch.Tensor, fake: torch.Tensor, subset_size: int | None = None, subsets: int = 50) -> tuple[float, float]:
-    """Kernel Inception Distance (mean, std over random subsets). The default subset size is half
-    the smaller set: every subset differs, so the std says how noisy the mean is."""
+def embed(net: FeatureNetwork, images: torch.Tensor) -> torch.Tensor:
+    """(N, num_features) float64 features of `images` (N, 3, H, W) in [0, 1]: what KID and FID compare."""
+    return network_output(net, "embed", images).double()
+
+
+def kid_of(real: torch.Tensor, fake: torch.Tensor, subset_size: int | None = None, subsets: int = 50) -> tuple[float, float]:
+    """Kernel Inception Distance (mean, std over random subsets) of two feature sets (embed()).
+    The default subset size is half the smaller set: every subset differs, so the std says how
+    noisy the mean is."""
     from torchmetrics.image.kid import KernelInceptionDistance
 
     size = subset_size or min(len(real), len(fake)) // 2
     size = max(2, min(size, len(real), len(fake)))
-    metric = KernelInceptionDistance(feature=_Embedder(net), subsets=subsets, subset_size=size, normalize=True)
+    metric = KernelInceptionDistance(feature=_Precomputed(real.shape[1]), subsets=subsets, subset_size=size)
     metric.update(real, real=True)
     metric.update(fake, real=False)
     # The subset draws use torch's global RNG: the same draws at every checkpoint, on a forked
@@ -60,36 +65,53 @@ def kid(net: FeatureNetwork, real: torch.Tensor, fake: torch.Tensor, subset_size
     return float(mean), float(std)
 
 
-def fid(net: FeatureNetwork, real: torch.Tensor, fake: torch.Tensor) -> float:
-    """Frechet distance of the feature Gaussians. Indicative only at small N."""
+def kid(net: FeatureNetwork, real: torch.Tensor, fake: torch.Tensor, subset_size: int | None = None, subsets: int = 50) -> tuple[float, float]:
+    """KID of two image sets (kid_of their features)."""
+    return kid_of(embed(net, real), embed(net, fake), subset_size, subsets)
+
+
+def fid_of(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """Frechet distance of the feature Gaussians of two feature sets. Indicative only at small N."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    metric = FrechetInceptionDistance(feature=_Embedder(net), normalize=True)
+    metric = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]))
     metric.update(real, real=True)
     metric.update(fake, real=False)
     return float(metric.compute())
+
+
+def fid(net: FeatureNetwork, real: torch.Tensor, fake: torch.Tensor) -> float:
+    return fid_of(embed(net, real), embed(net, fake))
 
 
 def inception_score(net: FeatureNetwork, images: torch.Tensor, splits: int = 1) -> float:
     """exp(E KL(p(y|x) || p(y))) over the network's class logits. Indicative only."""
     from torchmetrics.image.inception import InceptionScore
 
-    # normalize=False: with True, torchmetrics turns even a custom network's input into uint8.
-    metric = InceptionScore(feature=_Embedder(net, logits=True), splits=splits, normalize=False)
-    metric.update(images)
+    logits = network_output(net, "logits", images)
+    metric = InceptionScore(feature=_Precomputed(logits.shape[1]), splits=splits)
+    metric.update(logits)
     return float(metric.compute()[0])
 
 
-def identity_similarity(net: FeatureNetwork, generated: torch.Tensor, reference: torch.Tensor) -> float:
-    """Mean cosine similarity over all (generated, reference) pairs (DreamBooth's DINO/CLIP-I).
-    A network may embed an image as NaN (ArcFace: no face found): such a reference image is left
-    out, such a generated image counts as similarity 0 (a miss, not a pass)."""
-    g = F.normalize(network_output(net, "identity", generated), dim=1)
-    r = F.normalize(network_output(net, "identity", reference), dim=1)
-    r = r[~torch.isnan(r).any(dim=1)]
+def identity_embeddings(net: FeatureNetwork, images: torch.Tensor) -> torch.Tensor:
+    """(N, D) unit-length identity embeddings; a row is NaN where the network found no identity
+    (ArcFace: no face)."""
+    return F.normalize(network_output(net, "identity", images), dim=1)
+
+
+def mean_similarity(generated: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean cosine over all (generated, reference) pairs of identity_embeddings(). A NaN reference
+    row is left out, a NaN generated row counts as similarity 0 (a miss, not a pass)."""
+    r = reference[~torch.isnan(reference).any(dim=1)]
     if len(r) == 0:
         return float("nan")
-    return float(torch.nan_to_num(g @ r.T, nan=0.0).mean())
+    return float(torch.nan_to_num(generated @ r.T, nan=0.0).mean())
+
+
+def identity_similarity(net: FeatureNetwork, generated: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean cosine similarity over all (generated, reference) pairs (DreamBooth's DINO/CLIP-I)."""
+    return mean_similarity(identity_embeddings(net, generated), identity_embeddings(net, reference))
 
 
 def mean_pairwise_similarity(net: FeatureNetwork, images: torch.Tensor) -> float:
