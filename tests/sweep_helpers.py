@@ -18,7 +18,11 @@ DEBUG_SIZE = {
                               "eval.distilled_model=tiny"],
     "lr_vs_steps_seeds": ["sweep.params.train.lr.values=[1e-4]", "sweep.params.train.steps.values=[2,4]"],  # x seeds 0, 1
     "reproduce_2500_2e-4": ["sweep.params.train.lr.values=[1e-4,2e-4]", "sweep.params.train.steps.values=[2,4]"],
-    "rank_vs_lr": ["sweep.params.train.rank.values=[4,8]", "sweep.params.train.lr.values=[1e-4]", "sweep.params.train.steps.values=[2]"],
+    "rank_vs_lr": ["sweep.params.train.rank.values=[4,8]", "sweep.params.train.lr.values=[1e-4]", "sweep.params.train.steps.values=[2]",
+                   "sweep.refine=false"],
+    "lr_vs_steps_images": ["sweep.params.train.lr.values=[1e-4]", "sweep.params.train.steps.values=[2,4]",
+                           "sweep.params.data.max_images.values=[2,4]", "sweep.refine=false"],
+    "lr_vs_steps_subject_b": ["sweep.params.train.lr.values=[1e-4,4e-4]", "sweep.params.train.steps.values=[2,4]", "sweep.refine=false"],
     "grad_accum_repeats": ["sweep.params.train.grad_accum.values=[1,2]", "sweep.repeats_values=[1,2]"],
     "search": ["sweep.n_trials=2", "sweep.params.train.steps.low=2", "sweep.params.train.steps.high=4",
                "sweep.params.train.steps.step=2", "train.checkpoint_every=2"],
@@ -86,3 +90,16 @@ def tiny_world(tmp_path: Path, *extra: str):
     trigger, prior = eval_prompts(settings)
     data = encode_data(pipe, load_examples(settings.data), key, EncodingCache(None), extra_prompts=trigger + prior)
     return settings, pipe, data
+
+
+def finish(study, cell: dict, rows: list[dict], refine: dict | None = None):
+    """A finished trial with a stored record, as a worker leaves it."""
+    from optuna.trial import TrialState, create_trial
+
+    from klein_sweep.record import CheckpointRow, TrialRecord, encode_trial
+
+    collapse = next((r["step"] for r in rows if r.get("state") == "collapsed"), None)
+    record = TrialRecord(state=rows[-1]["state"], steps=rows[-1]["step"], rows=[CheckpointRow.from_json(r) for r in rows],
+                         collapse_step=collapse)
+    attrs = {"cell": cell, **encode_trial(record), **({"refine": refine} if refine else {})}
+    study.add_trial(create_trial(state=TrialState.COMPLETE, value=0.5, user_attrs=attrs))

@@ -88,6 +88,7 @@ def test_bad_dataset(tmp_path, kind):
         (["+sweep=lr_vs_steps", "data.resolution=30"], "config key 'data.resolution' = 30 is invalid: a multiple of 4 for model tiny"),
         (["+sweep=lr_vs_steps", "+sweep.params.data.resolution={type: categorical, values: [32, 30]}"],
          "config key 'data.resolution' = 30 is invalid: a multiple of 4"),
+        (["+sweep=lr_vs_steps_images"], "data.max_images: 10 is more than the 8 images in"),  # tiny_character: 8
         (["+sweep=lr_vs_steps", "model.text_encoder_layers=[1,2,9]"], "layer indices <= 3: the text encoder of tiny has 3 layers"),
         (["+sweep=lr_vs_steps", "train.device=cuda"], "config key 'train.device' = 'cuda' is invalid: auto or cpu: no CUDA device"),
         (["+sweep=lr_vs_steps", "train.optimizer=adamw8bit"], "config key 'train.optimizer' = 'adamw8bit' is invalid"),

@@ -100,3 +100,19 @@ def test_each_image_is_decoded_once_until_it_changes(tiny_data, monkeypatch):
         with pytest.raises(DataError, match=f"{first.name} is 20x20"):
             load_examples(cfg(tiny_data))
     assert decoded[n:] == [first.name, first.name]
+
+
+def test_max_images_takes_nested_subsets_of_one_fixed_shuffle(tmp_path):
+    """data.max_images: 5 of 20 are a subset of 10 of 20 (the boundary of a smaller dataset is
+    measured on images the larger one also has), the same in every run, spread over the folder
+    (not its first file names), and the folder's count trains exactly what no limit trains."""
+
+    for i in range(20):
+        Image.new("RGB", (40, 40), (i * 10, 0, 0)).save(tmp_path / f"{i:03d}.png")
+    names = {n: [e.image_path.name for e in load_examples(cfg(tmp_path, max_images=n))] for n in (5, 10, 20)}
+    assert len(names[5]) == 5 and set(names[5]) < set(names[10]) < set(names[20])
+    assert names[5] == sorted(names[5]) and names[5] != [f"{i:03d}.png" for i in range(5)]
+    assert names[20] == [e.image_path.name for e in load_examples(cfg(tmp_path))]
+    assert names[5] == [e.image_path.name for e in load_examples(cfg(tmp_path, max_images=5))]  # the same again
+    with pytest.raises(DataError, match=r"data.max_images: 21 is more than the 20 images in .*; use at most 20"):
+        load_examples(cfg(tmp_path, max_images=21))

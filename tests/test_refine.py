@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from sweep_helpers import COMMON, compose_plan, load_study
+from sweep_helpers import COMMON, compose_plan, finish, load_study
 
 GRID = ["+sweep=lr_vs_steps", *COMMON, "sweep.params.train.lr.values=[1e-4,4e-4]", "sweep.params.train.steps.values=[2,4]",
         "sweep.refine_every=2", "sweep.workers=1"]
@@ -60,19 +60,6 @@ def test_lr_vs_steps_continues_each_safe_training_past_the_grid(tmp_path):
     text = (folder / "report.md").read_text()
     assert "## Refinement past the grid" in text and "continue lr=0.0001 from step 4" in text
     assert (folder / "boundary.png").exists()
-
-
-def finish(study, cell: dict, rows: list[dict], refine: dict | None = None):
-    """A finished trial with a stored record, as a worker leaves it."""
-    from optuna.trial import TrialState, create_trial
-
-    from klein_sweep.record import CheckpointRow, TrialRecord, encode_trial
-
-    collapse = next((r["step"] for r in rows if r.get("state") == "collapsed"), None)
-    record = TrialRecord(state=rows[-1]["state"], steps=rows[-1]["step"], rows=[CheckpointRow.from_json(r) for r in rows],
-                         collapse_step=collapse)
-    attrs = {"cell": cell, **encode_trial(record), **({"refine": refine} if refine else {})}
-    study.add_trial(create_trial(state=TrialState.COMPLETE, value=0.5, user_attrs=attrs))
 
 
 def test_the_study_queues_each_refinement_once_and_bisects_after_the_grid(tmp_path):

@@ -101,6 +101,10 @@ class DataConfig:
     max_megapixels: float = 64.0
     """Larger images are refused with a message (a decompression bomb, or a scan to downscale
     first); decoding one would take gigabytes of memory."""
+    max_images: Optional[int] = None
+    """Train on the first N images of the folder in a fixed shuffled order (the same for every
+    run, so 5 images are a subset of 10): how the boundary moves with the dataset's size
+    (+sweep=lr_vs_steps_images). null = every image; more than the folder holds is refused."""
     cache_dir: str = ".klein_cache"
     """Where encoded latents and text embeddings are stored, keyed by content hash."""
     use_cache: bool = True
@@ -116,6 +120,8 @@ class DataConfig:
         check_float("data.caption_dropout", self.caption_dropout, 0.0, 1.0)
         check_int("data.resolution", self.resolution, 8, 4096)
         check_float("data.max_megapixels", self.max_megapixels, 0.0, 1000.0, low_open=True)
+        if self.max_images is not None:
+            check_int("data.max_images", self.max_images, 1, 1_000_000)
         try:
             from PIL import ImageColor
 

@@ -14,7 +14,7 @@ PARAM_TYPES = ("categorical", "float", "int")
 STEP_AXES = ("steps", "repeats")
 OBJECTIVES = ("eval/id_sim", "eval/kid", "eval/prior_kid", "eval/fid", "eval/is", "eval/leak")
 # Settings a sweep may vary: the training hyperparameters and the sampling of training data.
-SWEEPABLE_PREFIXES = ("train.", "data.caption_dropout", "data.resolution")
+SWEEPABLE_PREFIXES = ("train.", "data.caption_dropout", "data.resolution", "data.max_images")
 
 
 @dataclass

@@ -54,11 +54,30 @@ def load_examples(cfg: DataConfig) -> list[Example]:
     orphans = sorted(set(captions) - set(images))
     if orphans:
         raise DataError(f"data.path: caption {captions[orphans[0]]} has no image of the same name (e.g. {orphans[0]}.png)")
-    examples = []
-    for stem, image_path in images.items():
+    for image_path in images.values():  # every image, also those max_images leaves out: a bad file stops the run
         check_image(image_path, cfg)
-        examples.append(Example(image_path, read_caption(captions.get(stem), cfg)))
-    return examples
+    return [Example(images[stem], read_caption(captions.get(stem), cfg)) for stem in chosen_stems(list(images), cfg, folder)]
+
+
+# The shuffle that data.max_images takes its first N from: fixed, so that every run, seed and
+# worker trains on the same images, and a smaller N is a subset of a larger one.
+SUBSET_SEED = 0
+
+
+def chosen_stems(stems: list[str], cfg: DataConfig, folder: Path) -> list[str]:
+    """The images to train on, by name: all of them, or data.max_images of them taken from a fixed
+    shuffle of the sorted names, returned sorted (max_images = the folder's count trains exactly
+    what no limit trains)."""
+    import random
+
+    if cfg.max_images is None:
+        return stems
+    if cfg.max_images > len(stems):
+        raise DataError(f"data.max_images: {cfg.max_images} is more than the {len(stems)} images in {folder}; "
+                        f"use at most {len(stems)} or null for all of them")
+    order = sorted(stems)
+    random.Random(SUBSET_SEED).shuffle(order)
+    return sorted(order[:cfg.max_images])
 
 
 def read_caption(path: Path | None, cfg: DataConfig) -> str:
