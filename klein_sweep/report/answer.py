@@ -7,7 +7,8 @@ view show it without opening report.md.
                    collapsed, refinement included, e.g. collapse_step/lr_0.0004), boundary/slope,
                    boundary/slope_low, boundary/slope_high, boundary/intercept, boundary/sigma,
                    boundary/n_points, boundary/n_censored (the fit, when there is one),
-                   boundary/safe_steps/<lr> (the lower end of the band at each grid lr)
+                   boundary/exponent_<axis>[_low|_high] (images, rank: where the sweep varied them),
+                   boundary/safe_steps/<lr>[_<axis>_<value>] (the lower end of the band at each grid lr)
   parent tags      klein.best_cell (the best setting and step), klein.boundary (the fit in words),
                    mlflow.note.content (the run's description in MLflow's UI: the best cell, the
                    boundary per training and the fit, in a few lines of markdown)
@@ -35,7 +36,7 @@ def setting_slug(setting: dict) -> str:
 def sweep_answer(results: SweepResults, lines: list, fit: BoundaryFit | None,
                  best: tuple[TrialResult, CheckpointRow] | None) -> tuple[dict[str, float], dict[str, str]]:
     """(metrics, tags) for the parent run; `lines`: the trainings (report.boundary.Lineage)."""
-    from klein_sweep.report.boundary import safe_steps
+    from klein_sweep.report.boundary import fit_formula, safe_steps
 
     points = [(line.setting, line.collapse_step) for line in lines]
     metrics: dict[str, float] = {
@@ -63,9 +64,13 @@ def sweep_answer(results: SweepResults, lines: list, fit: BoundaryFit | None,
         metrics.update({"boundary/slope": fit.slope, "boundary/slope_low": fit.slope_interval[0],
                         "boundary/slope_high": fit.slope_interval[1], "boundary/intercept": fit.intercept,
                         "boundary/sigma": fit.sigma, "boundary/n_points": fit.n_points, "boundary/n_censored": fit.n_censored})
+        for name, c in fit.exponents.items():
+            lo, hi = fit.exponent_intervals[name]
+            metrics.update({f"boundary/exponent_{name}": c, f"boundary/exponent_{name}_low": lo, f"boundary/exponent_{name}_high": hi})
         for row in safe_steps(results, lines, fit):
-            metrics[f"boundary/safe_steps/lr_{row.lr:g}"] = round(row.low)
-        tags["klein.boundary"] = f"log10(collapse step) = {fit.intercept:.3f} + {fit.slope:.3f} * log10(lr)"
+            where = "".join(f"_{k}_{v:g}" for k, v in row.at.items())
+            metrics[f"boundary/safe_steps/lr_{row.lr:g}{where}"] = round(row.low)
+        tags["klein.boundary"] = fit_formula(fit, digits=3)
     tags[DESCRIPTION_TAG] = answer_description(results, lines, fit, best)
     return metrics, tags
 
@@ -74,7 +79,7 @@ def answer_description(results: SweepResults, lines: list, fit: BoundaryFit | No
                        best: tuple[TrialResult, CheckpointRow] | None) -> str:
     """The answer in markdown, for the parent run's description: the best cell, each training's
     collapse step with the fitted "safe up to" at its lr, and the fit. report.md has the rest."""
-    from klein_sweep.report.boundary import safe_steps
+    from klein_sweep.report.boundary import exponent_lines, fitted_values, safe_steps
 
     objective = results.objective
     out = [f"**Sweep `{results.name}`**: {len(results.trials)} trials finished "
@@ -85,18 +90,22 @@ def answer_description(results: SweepResults, lines: list, fit: BoundaryFit | No
                    f"{objective} {fmt_value(row.value(objective))}, state {row.state}.")
     else:
         out.append("**Best cell**: no usable checkpoint.")
-    safe = {row.lr: row for row in safe_steps(results, lines, fit)}
+    safe = {row.key: row for row in safe_steps(results, lines, fit)}
+    plan = results.meta.plan if results.meta else {}
     if lines:
         out += ["", "| setting | first collapsed step | found by | safe up to (fit) |", "|---|---|---|---|"]
         for line in lines:
             step = line.collapse_step if line.collapse_step is not None else f"none up to {line.last_step}"
-            at = safe.get(line.setting.get("train.lr")) if line.trial.refine is None else None
+            key = (line.setting.get("train.lr"), *sorted(fitted_values(line, fit, plan).items())) if fit else None
+            at = safe.get(key) if line.trial.refine is None else None
             out.append(f"| {setting_label(line.setting)} | {step} | {line.found_by} | {f'{at.low:,.0f} steps' if at else '-'} |")
     if fit is not None:
         lo, hi = fit.slope_interval
         out += ["", f"**Boundary fit**: collapse step ~ lr^{fit.slope:.2f} ({round(fit.confidence * 100)}% interval of the "
                     f"slope {lo:.2f} ... {hi:.2f}), through {fit.n_points} trainings ({fit.n_censored} still fine at their "
                     "last step). Safe up to: the lower end of the fit's band at that lr."]
+        if fit.exponents:
+            out += ["", *exponent_lines(fit)]
     else:
         out += ["", "**Boundary fit**: none (a line needs collapses at two learning rates)."]
     out += ["", "The full report is this run's artifact `report/report.md`."]

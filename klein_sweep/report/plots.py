@@ -69,12 +69,16 @@ def _draw_fit(ax, fit, results, labels, columns) -> None:
     def x_of(step: float) -> float:
         return float(np.interp(math.log10(step), logc, index, left=-0.5, right=len(columns) - 0.5))
 
+    from klein_sweep.report.boundary import Lineage, fitted_values
+
+    plan = results.meta.plan if results.meta else {}
     rows = []
     for t in results.grid:
         lr, label = t.setting.get("train.lr"), setting_label(t.setting)
         if lr is not None and label in labels:
-            low, high = fit.interval_at(lr)
-            rows.append((labels.index(label), x_of(fit.step_at(lr)), x_of(low), x_of(high)))
+            at = fitted_values(Lineage(t), fit, plan)
+            low, high = fit.interval_at(lr, at)
+            rows.append((labels.index(label), x_of(fit.step_at(lr, at)), x_of(low), x_of(high)))
     rows = sorted(set(rows))
     if len(rows) >= 2:
         y, mid, low, high = (np.array(v) for v in zip(*rows))
@@ -86,7 +90,8 @@ def plot_boundary(path: Path, results, lines, fit) -> None:
     """boundary.png: collapse step against lr on log axes. Each training's collapse as the
     interval between its last fine and first collapsed checkpoint; a training still fine at its
     end as a triangle pointing up; the fit and its band."""
-    points = [(line, o) for line in lines if (o := line.observation()) is not None]
+    plan = results.meta.plan if results.meta else {}
+    points = [(line, o) for line in lines if (o := line.observation(plan)) is not None]
     if not points:
         return
     import matplotlib
@@ -110,12 +115,18 @@ def plot_boundary(path: Path, results, lines, fit) -> None:
             ax.scatter([o.lr], [o.high], marker="x", color=colors[o.source])
     lrs = [o.lr for _, o in points]
     if fit is not None:
+        # One curve per measured value of the fit's other axes (images 5, 10, 20): the same fit at each.
+        groups = sorted({tuple((k, o.covariates[k]) for k in fit.axes) for _, o in points})
         xs = np.geomspace(min(lrs) / 1.2, max(lrs) * 1.2, 60)
-        band = np.array([fit.interval_at(x) for x in xs])
-        ax.fill_between(xs, band[:, 0], band[:, 1], color="red", alpha=0.15, linewidth=0,
-                        label=f"{round(fit.confidence * 100)}% band")
-        ax.plot(xs, [fit.step_at(x) for x in xs], "--", color="red",
-                label=f"fit: steps ~ lr^{fit.slope:.2f}")
+        for i, group in enumerate(groups):
+            at = dict(group)
+            color = "red" if len(groups) == 1 else plt.get_cmap("autumn")(i / max(1, len(groups) - 1) * 0.8)
+            where = f" at {', '.join(f'{k} {v:g}' for k, v in group)}" if group else ""
+            band = np.array([fit.interval_at(x, at) for x in xs])
+            ax.fill_between(xs, band[:, 0], band[:, 1], color=color, alpha=0.15, linewidth=0,
+                            label=f"{round(fit.confidence * 100)}% band" if i == 0 else None)
+            ax.plot(xs, [fit.step_at(x, at) for x in xs], "--", color=color,
+                    label=f"fit: steps ~ lr^{fit.slope:.2f}{where}")
     if results.meta and results.meta.step_values:
         ax.axhline(max(results.meta.step_values), color="grey", linestyle=":", linewidth=1, label="grid's last step")
     ax.set_xscale("log")
