@@ -91,8 +91,14 @@ def test_the_report_states_the_exponent_of_the_images_and_what_it_means(images_s
     import json
 
     _, folder = images_study
-    fit = json.loads((folder / "report.json").read_text())["boundary"]["fit"]
+    report = json.loads((folder / "report.json").read_text())
+    fit = report["boundary"]["fit"]
     lo, hi = fit["exponent_intervals"]["images"]
+    # the parent run's metrics (report.json keeps what the sweep logs there)
+    metrics = report["answer"]["metrics"]
+    assert (metrics["boundary/exponent_images_low"], metrics["boundary/exponent_images"], metrics["boundary/exponent_images_high"]) == (
+        lo, fit["exponents"]["images"], hi)
+    assert "boundary/safe_steps/lr_0.0002_images_10" in metrics
     assert lo < 1.0 < hi + 0.15 and hi < 1.5 and lo > 0.5, (lo, hi)  # built as repeats per image (exponent 1)
     text = (folder / "report.md").read_text()
     assert "### Exponents" in text and "- images: +" in text and "| lr | images |" in text

@@ -100,30 +100,40 @@ def plot_boundary(path: Path, results, lines, fit) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    colors = {"grid": "black", "extend": "tab:blue", "bisect": "tab:orange"}
     names = {"grid": "grid", "extend": "continued past the grid", "bisect": "bisected lr"}
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    markers = {"grid": "x", "extend": "o", "bisect": "s"}
+    # One colour per measured value of the fit's other axes (images 5, 10, 20), shared by the
+    # points and their curve; one colour per source where the fit has no other axis.
+    axes = fit.axes if fit is not None else []
+    groups = sorted({tuple((k, o.covariates[k]) for k in axes) for _, o in points})
+    by_group = len(groups) > 1
+    source_colors = {"grid": "black", "extend": "tab:blue", "bisect": "tab:orange"}
+
+    def group_color(group):
+        return plt.get_cmap("viridis")(groups.index(group) / max(1, len(groups) - 1) * 0.85) if by_group else "red"
+
+    fig, ax = plt.subplots(figsize=(6.8, 4.8))
     shown = set()
     for line, o in points:
+        group = tuple((k, o.covariates[k]) for k in axes)
+        color = group_color(group) if by_group else source_colors[o.source]
         label = names[o.source] if o.source not in shown else None
         shown.add(o.source)
         if o.censored:
-            ax.scatter([o.lr], [o.low], marker="^", s=70, facecolors="none", edgecolors=colors[o.source], label=label)
+            ax.scatter([o.lr], [o.low], marker="^", s=70, facecolors="none", edgecolors=color, label=label)
         else:
             low = o.low if o.low > 0 else o.high / 2
-            ax.plot([o.lr, o.lr], [low, o.high], color=colors[o.source], linewidth=2.5, label=label)
-            ax.scatter([o.lr], [o.high], marker="x", color=colors[o.source])
+            ax.plot([o.lr, o.lr], [low, o.high], color=color, linewidth=2.5, alpha=0.8)
+            ax.scatter([o.lr], [o.high], marker=markers[o.source], color=color, label=label)
     lrs = [o.lr for _, o in points]
     if fit is not None:
-        # One curve per measured value of the fit's other axes (images 5, 10, 20): the same fit at each.
-        groups = sorted({tuple((k, o.covariates[k]) for k in fit.axes) for _, o in points})
         xs = np.geomspace(min(lrs) / 1.2, max(lrs) * 1.2, 60)
         for i, group in enumerate(groups):
             at = dict(group)
-            color = "red" if len(groups) == 1 else plt.get_cmap("autumn")(i / max(1, len(groups) - 1) * 0.8)
+            color = group_color(group)
             where = f" at {', '.join(f'{k} {v:g}' for k, v in group)}" if group else ""
             band = np.array([fit.interval_at(x, at) for x in xs])
-            ax.fill_between(xs, band[:, 0], band[:, 1], color=color, alpha=0.15, linewidth=0,
+            ax.fill_between(xs, band[:, 0], band[:, 1], color=color, alpha=0.12, linewidth=0,
                             label=f"{round(fit.confidence * 100)}% band" if i == 0 else None)
             ax.plot(xs, [fit.step_at(x, at) for x in xs], "--", color=color,
                     label=f"fit: steps ~ lr^{fit.slope:.2f}{where}")
@@ -133,8 +143,10 @@ def plot_boundary(path: Path, results, lines, fit) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("first collapsed step")
-    ax.set_title(f"{results.name}: collapse boundary\nbars: between the last fine and the first collapsed checkpoint; "
-                 "triangles: never collapsed, fine up to there", fontsize=8)
+    exponents = "".join(f" x {k}^{c:.2f}" for k, c in (fit.exponents.items() if fit is not None else []))
+    ax.set_title(f"{results.name}: collapse boundary{f' (steps ~ lr^{fit.slope:.2f}{exponents})' if exponents else ''}\n"
+                 "bars: between the last fine and the first collapsed checkpoint;\ntriangles: never collapsed, fine up to there",
+                 fontsize=8)
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     with replaced_atomically(path) as tmp:
