@@ -47,6 +47,17 @@ def images_study(tmp_path_factory):
     return tmp, folder
 
 
+@pytest.fixture(scope="module")
+def committed_report(images_study, tmp_path_factory):
+    """The report.json alone, as committed (no study beside it)."""
+    import shutil
+
+    tmp = tmp_path_factory.mktemp("committed")
+    (tmp / "sweeps" / "lr_vs_steps_images").mkdir(parents=True)
+    shutil.copy(images_study[1] / "report.json", tmp / "sweeps" / "lr_vs_steps_images" / "report.json")
+    return tmp
+
+
 def recommend_cli(cwd, *args, capsys):
     import os
 
@@ -62,7 +73,7 @@ def recommend_cli(cwd, *args, capsys):
     return code, out.out, out.err
 
 
-def test_inside_the_range_each_lr_gets_the_band_from_the_study_and_from_report_json_alone(images_study, capsys):
+def test_inside_the_range_each_lr_gets_the_band_from_the_study_and_from_report_json_alone(images_study, committed_report, capsys):
     from klein_sweep.report.recommend import basis_from_report, recommend
 
     tmp, folder = images_study
@@ -79,11 +90,7 @@ def test_inside_the_range_each_lr_gets_the_band_from_the_study_and_from_report_j
         assert f"{r.low:,.0f}" in from_study and f"{r.safe_repeats:,.1f}" in from_study
     assert "images 15" in from_study
     # the committed file alone (no study.db) prints the same
-    (folder / "study.db").rename(folder / "study.db.bak")
-    try:
-        code, from_json, _ = recommend_cli(tmp, "data.max_images=15", capsys=capsys)
-    finally:
-        (folder / "study.db.bak").rename(folder / "study.db")
+    code, from_json, _ = recommend_cli(committed_report, "data.max_images=15", capsys=capsys)
     assert code == 0 and from_json == from_study
 
 
@@ -112,8 +119,7 @@ def test_the_report_states_the_exponent_of_the_images_and_what_it_means(images_s
     ([], "give data.max_images=N: the sweep measured images from 5 to 20"),
     (["train.lr=1e-4"], "'train.lr=1e-4' is not KEY=VALUE with KEY one of data.max_images, train.rank"),
 ])
-def test_outside_the_range_is_refused_in_one_line(images_study, capsys, args, expected):
-    tmp, _ = images_study
-    code, out, err = recommend_cli(tmp, *args, capsys=capsys)
+def test_outside_the_range_is_refused_in_one_line(committed_report, capsys, args, expected):
+    code, out, err = recommend_cli(committed_report, *args, capsys=capsys)
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and expected in err, err
