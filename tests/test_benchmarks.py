@@ -171,3 +171,16 @@ def test_floor_benchmark_prints_the_sweeps_floor_from_its_measured_units():
     low, high = floor - 0.5, floor + 0.5  # the worker-seconds printed to the second
     assert low / 2 - 0.5 <= float(wall_floor) <= high / 2 + 0.5
     assert 500 / (high / 2) - 0.005 <= float(times) <= 500 / (low / 2) + 0.005, out
+
+
+def test_boundary_fit_benchmark_prints_the_ratio_of_its_times_and_the_fits_agree():
+    out = run_benchmark("bench_boundary_fit.py", "--report", str(REPO / "sweeps" / "lr_vs_steps" / "report.json"), "--repeats", "1")
+    import re
+
+    value = dict(re.findall(r"^(analytic gradient|numerical gradient|speed-up)\s+([\d.]+)", out, flags=re.M))
+    low, high = ratio_bounds(value["numerical gradient"], value["analytic gradient"])
+    speed_up, half = rounded(value["speed-up"])
+    assert low - half <= speed_up <= high + half, out
+    # the same maximum: a gradient that pointed elsewhere would stop at another line
+    assert float(out.split("in the coefficients:")[1].split()[0]) < 1e-3
+    assert float(out.split("in the interval ends:")[1]) < 0.05

@@ -147,12 +147,22 @@ def fit_boundary(observations: list[Observation], samples: int = BOOTSTRAP_SAMPL
     """The maximum likelihood boundary and its bootstrap intervals; None unless collapses were
     seen at two or more learning rates (an axis measured at two values but collapsing at only one
     is left out of the fit: nothing could place its exponent)."""
-    import numpy as np
+    from threadpoolctl import threadpool_limits
 
     obs = [o for o in observations if o.lr > 0 and (o.high is None or o.high > 0) and (o.high is not None or o.low > 0)]
     axes = [k for k in fitted_axes(obs) if identifiable(obs, [k])]
     if not identifiable(obs, axes):
         return None
+    # One BLAS thread: the optimizer's BLAS calls work on vectors of 3-5 numbers, where threads
+    # only synchronise, and on a busy machine they wait for each other (200 refits: 25 s with
+    # OpenBLAS' 2 threads on 2 busy cores, 1.2 s with one).
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _fit(obs, axes, samples, seed)
+
+
+def _fit(obs: list[Observation], axes: list[str], samples: int, seed: int) -> BoundaryFit:
+    import numpy as np
+
     theta = _mle(obs, axes)
     rng = np.random.default_rng(seed)
     refits = []
