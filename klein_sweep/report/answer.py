@@ -91,7 +91,7 @@ def answer_description(results: SweepResults, lines: list, fit: BoundaryFit | No
     else:
         out.append("**Best cell**: no usable checkpoint.")
     safe = {row.key: row for row in safe_steps(results, lines, fit)}
-    plan = results.meta.plan if results.meta else {}
+    plan = results.plan
     if lines:
         out += ["", "| setting | first collapsed step | found by | safe up to (fit) |", "|---|---|---|---|"]
         for line in lines:

@@ -92,8 +92,7 @@ def lineages(results: SweepResults) -> list[Lineage]:
 
 def boundary_fit(results: SweepResults) -> tuple[list[Lineage], BoundaryFit | None]:
     lines = lineages(results)
-    plan = results.meta.plan if results.meta else {}
-    return lines, fit_boundary([o for line in lines if (o := line.observation(plan)) is not None])
+    return lines, fit_boundary([o for line in lines if (o := line.observation(results.plan)) is not None])
 
 
 @dataclass
@@ -116,11 +115,11 @@ def safe_steps(results: SweepResults, lines: list[Lineage], fit: BoundaryFit | N
     the fitted collapse step and its band."""
     if fit is None:
         return []
-    plan = results.meta.plan if results.meta else {}
+    plan = results.plan
     longest = max((line.last_step for line in lines), default=0)
     values = {id(line): fitted_values(line, fit, plan) for line in lines}
     out = []
-    for lr in sorted({t.setting[LR] for t in results.grid if LR in t.setting}):
+    for lr in results.grid_lrs:
         for at in sorted({tuple(sorted(v.items())) for v in values.values()}):
             at = dict(at)
             seen = [line for line in lines if line.setting.get(LR) == lr and line.trial.refine is None and values[id(line)] == at]
@@ -139,6 +138,7 @@ def fitted_values(line: Lineage, fit: BoundaryFit, plan: dict) -> dict:
 
 
 def at_label(at: dict) -> str:
+    """{"images": 10.0, "rank": 16.0} -> "images 10, rank 16"."""
     return ", ".join(f"{k} {v:g}" for k, v in at.items())
 
 
@@ -225,7 +225,7 @@ def refinement_section(results: SweepResults, lines: list[Lineage]) -> list[str]
     trials = sorted(results.refinement, key=lambda t: t.number)
     if not trials:
         return []
-    plan = results.meta.plan if results.meta else {}
+    plan = results.plan
     grid_s = sum((t.record.train_seconds or 0) + (t.record.eval_seconds or 0) for t in results.grid)
     refine_s = sum((t.record.train_seconds or 0) + (t.record.eval_seconds or 0) for t in trials)
     out = ["", "## Refinement past the grid", "",
@@ -280,8 +280,7 @@ def boundary_json(lines: list[Lineage], fit: BoundaryFit | None, results: SweepR
 def recommend_basis(results: SweepResults) -> dict:
     """The grid's learning rates and the images one step takes (batch x grad_accum), for
     --recommend's repeats per image."""
-    plan = results.meta.plan if results.meta else {}
+    plan = results.plan
     per_step = int(plan.get("train.batch_size") or 1) * int(plan.get("train.grad_accum") or 1)
     longest = max((r.step for t in results.trials for r in t.rows), default=0)
-    return {"grid_lrs": sorted({float(t.setting[LR]) for t in results.grid if LR in t.setting}), "images_per_step": per_step,
-            "longest_step": longest}
+    return {"grid_lrs": results.grid_lrs, "images_per_step": per_step, "longest_step": longest}

@@ -71,7 +71,7 @@ def _draw_fit(ax, fit, results, labels, columns) -> None:
 
     from klein_sweep.report.boundary import Lineage, fitted_values
 
-    plan = results.meta.plan if results.meta else {}
+    plan = results.plan
     rows = []
     for t in results.grid:
         lr, label = t.setting.get("train.lr"), setting_label(t.setting)
@@ -90,8 +90,7 @@ def plot_boundary(path: Path, results, lines, fit) -> None:
     """boundary.png: collapse step against lr on log axes. Each training's collapse as the
     interval between its last fine and first collapsed checkpoint; a training still fine at its
     end as a triangle pointing up; the fit and its band."""
-    plan = results.meta.plan if results.meta else {}
-    points = [(line, o) for line in lines if (o := line.observation(plan)) is not None]
+    points = [(line, o) for line in lines if (o := line.observation(results.plan)) is not None]
     if not points:
         return
     import matplotlib
@@ -99,6 +98,8 @@ def plot_boundary(path: Path, results, lines, fit) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+
+    from klein_sweep.report.boundary import at_label
 
     names = {"grid": "grid", "extend": "continued past the grid", "bisect": "bisected lr"}
     markers = {"grid": "x", "extend": "o", "bisect": "s"}
@@ -131,7 +132,7 @@ def plot_boundary(path: Path, results, lines, fit) -> None:
         for i, group in enumerate(groups):
             at = dict(group)
             color = group_color(group)
-            where = f" at {', '.join(f'{k} {v:g}' for k, v in group)}" if group else ""
+            where = f" at {at_label(at)}" if group else ""
             band = np.array([fit.interval_at(x, at) for x in xs])
             ax.fill_between(xs, band[:, 0], band[:, 1], color=color, alpha=0.12, linewidth=0,
                             label=f"{round(fit.confidence * 100)}% band" if i == 0 else None)

@@ -94,10 +94,10 @@ def recommend(basis: Basis, wanted: dict[str, float]) -> list[Recommendation]:
 
 
 def format_recommendation(basis: Basis, wanted: dict[str, float], rows: list[Recommendation]) -> str:
-    from klein_sweep.report.boundary import fit_formula
+    from klein_sweep.report.boundary import at_label, fit_formula
 
     fit = basis.fit
-    where = ", ".join(f"{k} {v:g}" for k, v in sorted(wanted.items())) or "the sweep's own settings"
+    where = at_label(dict(sorted(wanted.items()))) or "the sweep's own settings"
     pct = round(fit.confidence * 100)
     lines = [f"collapse boundary of sweep {basis.name} at {where} ({fit_formula(fit)}; {pct}% band from "
              f"{len(fit.bootstrap)} bootstrap refits)",

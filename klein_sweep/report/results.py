@@ -65,6 +65,16 @@ class SweepResults:
     def direction(self) -> str:
         return self.meta.direction if self.meta else "maximize"
 
+    @property
+    def plan(self) -> dict:
+        """The resolved settings the study was planned with (dotted keys); {} without a plan."""
+        return self.meta.plan if self.meta else {}
+
+    @property
+    def grid_lrs(self) -> list[float]:
+        """The learning rates of the grid, ascending."""
+        return sorted({float(t.setting["train.lr"]) for t in self.grid if "train.lr" in t.setting})
+
 
 def load_results(study) -> SweepResults:
     """Every finished trial's record and every failed trial's reason, decoded from the study."""

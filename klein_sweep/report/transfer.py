@@ -36,7 +36,7 @@ class Transfer:
 
 def thresholds(results: SweepResults) -> CollapseThresholds:
     """The sweep's collapse thresholds, from the plan stored on the study."""
-    plan = results.meta.plan if results.meta else {}
+    plan = results.plan
     names = {f.name for f in dataclasses.fields(CollapseThresholds)}
     return CollapseThresholds(**{k[len("eval."):]: v for k, v in plan.items() if k.startswith("eval.") and k[len("eval."):] in names})
 
