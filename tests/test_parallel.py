@@ -106,3 +106,26 @@ def test_two_processes_never_get_the_same_queued_trial_from_sqlite(tmp_path):
     assert sorted(x for _, x in first + second) == list(range(200))
     assert first and second  # both processes took cells
     assert not study.get_trials(states=(TrialState.WAITING,))
+
+
+def test_an_idle_worker_leaves_as_soon_as_the_last_running_trial_ends(tmp_path):
+    """A worker with nothing queued watches the trials still running; it must see the last one
+    end within seconds, not one heartbeat (30 s) later: every two-worker sweep ends waiting on it."""
+    import threading
+    import time
+
+    from optuna.trial import TrialState
+
+    from klein_sweep.sweep.queue import next_trial, wait_for_stale_cells
+    from klein_sweep.sweep.worker import prepare_study
+
+    plan = compose_plan([*sweep_args("lr_vs_steps", tmp_path), "tracking=none", f"sweep.output_dir={tmp_path / 'sweep'}"])
+    assert plan.sweep.heartbeat_seconds == 30
+    study, _ = prepare_study(plan)
+    running = [next_trial(study, plan) for _ in plan.cells]  # every cell taken by "another worker"
+    finisher = threading.Timer(1.0, lambda: [study.tell(t, state=TrialState.FAIL) for t in running])
+    finisher.start()
+    start = time.monotonic()
+    assert wait_for_stale_cells(study, plan) is False  # nothing to run: this worker leaves
+    finisher.join()
+    assert time.monotonic() - start < 5

@@ -114,6 +114,9 @@ def _counted_trials(study, before: int | None = None) -> int:
     )
 
 
+STALE_POLL_S = 1.0
+
+
 def wait_for_stale_cells(study, plan: SweepPlan) -> bool:
     """Nothing is queued. Before leaving, an idle worker watches the trials still running for
     one grace period: a worker that died (on any machine) stops its heartbeat, its trial is
@@ -126,14 +129,19 @@ def wait_for_stale_cells(study, plan: SweepPlan) -> bool:
 
     interval = plan.sweep.heartbeat_seconds
     deadline = time.monotonic() + (GRACE_BEATS + 1) * interval  # the storage's grace period + one beat
+    next_recovery = time.monotonic()
     while True:
-        if recover_interrupted(study) and sync_grid_queue(study, plan.cells):
-            return True
+        if time.monotonic() >= next_recovery:  # a dead worker shows only after a heartbeat is missed
+            next_recovery += interval
+            if recover_interrupted(study) and sync_grid_queue(study, plan.cells):
+                return True
         if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             return True
         if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) or time.monotonic() > deadline:
             return False
-        time.sleep(min(interval, max(0.0, deadline - time.monotonic())) or 0.1)
+        # Looked at every second: the last running trial's end (or a refinement it queues) is
+        # seen at once, where sleeping a whole heartbeat kept a finished sweep waiting up to 30 s.
+        time.sleep(min(STALE_POLL_S, interval, max(0.0, deadline - time.monotonic())) or 0.1)
 
 
 def _earlier_holder(study, number: int, key: str) -> int | None:
