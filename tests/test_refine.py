@@ -136,3 +136,23 @@ def test_continuations_ready_together_train_as_lanes(tmp_path, caplog):
     assert sorted(t.number for t in refined) == [2, 3]
     for t in refined:
         assert [c["step"] for c in t.user_attrs["checkpoints"]] == [6, 8]
+
+
+def test_continuations_ready_together_are_shared_among_the_commands_workers(tmp_path, caplog):
+    """Two continuations ready together and two workers on the study: each takes one (the tail
+    of the sweep on both cores), where one worker alone takes both as lanes (above)."""
+    import dataclasses
+    import logging
+
+    from klein_sweep.sweep.worker import run_sweep
+
+    folder = tmp_path / "sweeps" / "lr_vs_steps"
+    plan = compose_plan([*GRID, "sweep.lanes=2", f"data.cache_dir={tmp_path / 'cache'}", f"sweep.output_dir={folder}", "tracking=none"])
+    with caplog.at_level(logging.INFO, logger="klein_sweep"):
+        assert run_sweep(dataclasses.replace(plan, peers=2), progress=False).failed == []
+    grouped = [r.getMessage().split(":")[0] for r in caplog.records if "trained as 2 lanes" in r.getMessage()]
+    assert grouped == ["trials [0, 1]"]  # the grid's lanes; the continuations one by one
+    refined = [t for t in load_study(folder).trials if "refine" in t.user_attrs]
+    assert sorted(t.number for t in refined) == [2, 3]
+    for t in refined:
+        assert [c["step"] for c in t.user_attrs["checkpoints"]] == [6, 8]

@@ -92,7 +92,7 @@ def run_parallel(plan: SweepPlan, workers: int) -> SweepSummary:
     study, parent = prepare_study(plan)
     sweep = copy.copy(plan.sweep)  # validated already: a copy, not a rebuilt SweepConfig
     sweep.role, sweep.workers = "work", 1
-    work_plan = dataclasses.replace(plan, sweep=sweep)
+    work_plan = dataclasses.replace(plan, sweep=sweep, peers=workers)
     threads = max(1, (os.cpu_count() or 1) // workers)
     log.info("%d worker processes, %d thread%s each", workers, threads, "s" * (threads > 1))
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch threads or locks

@@ -27,6 +27,7 @@ class SweepPlan:
     tracking: Any  # TrackingConfig: sweep-wide, the same for every cell
     n_trainings_saved: int = 0  # trainings avoided by evaluating steps as checkpoints
     notes: list[str] = field(default_factory=list)
+    peers: int = 1  # worker processes this command started on the study (continuation lanes share among them)
 
     @property
     def study_name(self) -> str:
