@@ -71,10 +71,12 @@ def test_every_conf_file_composes_into_the_settings_it_names(group, option, tmp_
     else:  # a package of overrides of other groups
         chosen = [d for d in raw["defaults"] if isinstance(d, dict)]
         assert chosen
-        for entry in chosen:
-            ((key, value),) = entry.items()
-            other = key.removeprefix("override /")
-            assert getattr(s, other) == getattr(compose_settings(f"{other}={value}")[1], other), other
+        # the groups chosen together (the eval recipe depends on the model chosen beside it)
+        groups = [(key.removeprefix("override /"), value) for entry in chosen for key, value in entry.items()]
+        _, together = compose_settings(*(f"{group}={value}" for group, value in groups))
+        for other, value in groups:
+            assert getattr(s, other) == getattr(together, other), other
+            assert getattr(s, other) != getattr(compose_settings()[1], other), f"{other}={value} changes nothing"
 
 
 @pytest.mark.parametrize(
@@ -158,7 +160,8 @@ def test_repeats_replaces_steps_and_warmup_needs_warmup_schedule():
         compose_settings("train.warmup_steps=10")
 
 
-@pytest.mark.parametrize("model,every,images", [("mini", 250, 8), ("flux2_klein_base_9b", 500, 2)])
+# economy on the real models and the mini world, full on the tiny model
+@pytest.mark.parametrize("model,every,images", [("mini", 500, 2), ("flux2_klein_base_9b", 500, 2), ("tiny", 250, 8)])
 def test_the_recipe_fills_the_validation_cadence_a_user_left_open(model, every, images):
     e = compose_settings(f"model={model}", "eval=default")[1].eval
     assert (e.validation_every, e.validation_images) == (every, images)

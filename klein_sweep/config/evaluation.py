@@ -96,11 +96,10 @@ class EvalConfig(CollapseThresholds):
     """Which defaults fill the recipe keys left null (resolution, sample_steps, screening_seeds,
     screening_sample_steps); a value you set always wins. `full`: every checkpoint sampled with
     every seed at the model's recipe (model.sample_steps) and data.resolution. `economy`
-    (config/recipes.py ECONOMY_RECIPE, relative to the model's own recipe): at most 512 px, 0.4 of
-    the model's steps (9B / 4B: 20 of 50, the mini: 5 of 12); every checkpoint screened with the
-    first seed at 0.2 of its steps, the full evaluation where it decides: evaluation at about a
-    quarter of a 9B / 4B sweep's FLOPs instead of ~80% (docs/evaluation_cost.md, which also
-    measures its agreement with the full recipe on the mini world). `auto`: economy for the real
+    (config/recipes.py ECONOMY_RECIPE, relative to the model's own recipe): at most 512 px at the
+    model's own steps (fewer moved the mini world's boundary); every checkpoint screened with the
+    first seed, the full evaluation where it decides (docs/evaluation_cost.md, which also measures
+    its agreement with the full recipe on three mini-world sweeps). `auto`: economy for the real
     models and the mini world, full for the random tiny model (tests, smoke runs)."""
     validation_every: Optional[int] = None
     """Steps between validation-loss checkpoints (val/fit_loss, val/prior_loss: forward passes
