@@ -3,6 +3,7 @@ checkpoints that decide the result (best, and around the first collapse), from L
 
 from __future__ import annotations
 
+import pytest
 import torch
 from sweep_helpers import COMMON, compose_plan
 from test_lora import sample, trained_like
@@ -98,4 +99,12 @@ def test_screened_sweep_evaluates_the_deciding_checkpoints_in_full(tmp_path, mon
     assert trial.value == by_step[best]["full"]["id_sim"]  # the objective comes from the full evaluation
     history = MlflowClient(uri).get_metric_history(trial.user_attrs["mlflow_run_id"], "eval_full/id_sim")
     assert sorted(m.step for m in history) == [2, 4, 6, 8]
-    assert "## Full evaluation of the deciding checkpoints" in (tmp_path / "sweep" / "report.md").read_text()
+    report = (tmp_path / "sweep" / "report.md").read_text()
+    assert "## Full evaluation of the deciding checkpoints" in report
+    # the table puts the screening's identity beside the full evaluation's, each its own
+    table = report.split("## Full evaluation of the deciding checkpoints")[1]
+    line = next(line for line in table.splitlines() if line.startswith(f"| lr=0.001 | {COLLAPSE_AT} |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[2] == "collapsed"
+    assert (float(cells[3]), float(cells[4])) == pytest.approx((by_step[8]["id_sim"], by_step[8]["full"]["id_sim"]), abs=1e-3)
+    assert cells[3] != cells[4]

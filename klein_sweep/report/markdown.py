@@ -105,10 +105,10 @@ def full_evaluation_section(results: SweepResults) -> list[str]:
     lines = ["", "## Full evaluation of the deciding checkpoints", "",
              "Every checkpoint was screened with fewer samples (eval.screening_seeds); the two best screened checkpoints and "
              "the two around the first collapse were evaluated in full; the best checkpoint and the objective use the full values.", "",
-             "| setting | step | state (screening) | identity screening | identity full | KID full | prior KID full |",
+             "| setting | step | state (judged on the full values) | identity screening | identity full | KID full | prior KID full |",
              "|---|---|---|---|---|---|---|"]
     for t, r in rows:
-        f = r.full
-        lines.append(f"| {setting_label(t.setting)} | {r.step} | {r.state or '?'} | {fmt_value(r.value('id_sim'))} | "
+        f = r.full  # r.metrics: the screening's own values (r.value() would read the full ones)
+        lines.append(f"| {setting_label(t.setting)} | {r.step} | {r.state or '?'} | {fmt_value(r.metrics.get('id_sim'))} | "
                      f"{fmt_value(f.get('id_sim'))} | {fmt_value(f.get('kid'))} | {fmt_value(f.get('prior_kid'))} |")
     return lines
