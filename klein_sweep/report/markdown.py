@@ -26,8 +26,12 @@ def render_markdown(results, axis, columns, labels, cells, lines_, fit, best, co
         lines.append(f"- base model (no LoRA): identity similarity {fmt_value(base.id_sim)}, leak {fmt_value(base.leak)}; "
                      f"the training images' own similarity {fmt_value(base.reference_id_sim)}: the collapse rules' scale runs "
                      "from the first to the second (docs/design.md)")
-    lines += ["", f"## Identity / KID / state by {axis}", "",
-              "| setting | " + " | ".join(f"{axis} {fmt_value(c)}" for c in columns) + " |",
+    lines += ["", f"## Identity / KID / state by {axis}", ""]
+    if checkpoints_with(results, "full"):  # screened: two kinds of values share the table
+        lines += ["Each checkpoint's values are the full evaluation's where it ran (the deciding checkpoints, listed under "
+                  "\"Full evaluation of the deciding checkpoints\"), the screening's elsewhere; a collapse is declared on the "
+                  "full values.", ""]
+    lines += ["| setting | " + " | ".join(f"{axis} {fmt_value(c)}" for c in columns) + " |",
               "|---|" + "---|" * len(columns)]
     for label in labels:
         out = []
