@@ -1,18 +1,18 @@
 """The embedded default sweep's arithmetic floor on this machine, measured in one run: how much of
-a training step, a checkpoint's evaluation and a validation point on the mini model is matrix
+a training step, a checkpoint's evaluation (full and screening) and a validation point on the mini model is matrix
 products and attention (the FLOPs the sweep cannot skip), how much is everything else
 (element-wise kernels, copies, per-op overhead), and the wall time a sweep would take if
 everything else cost nothing.
 
     python benchmarks/bench_arithmetic_floor.py                     # applied to the committed default sweep
-    python benchmarks/bench_arithmetic_floor.py --report sweeps/lr_vs_steps/report.json --wall 463   # your own run
+    python benchmarks/bench_arithmetic_floor.py --report sweeps/lr_vs_steps/report.json --wall 426   # your own run
     python benchmarks/bench_arithmetic_floor.py --steps 20          # shorter
 
 Single-threaded, as the sweep's CPU workers run. Arithmetic time is the profiler's self CPU time
 of the matrix-product, attention and convolution kernels (ARITHMETIC below); the step, evaluation
 and validation times are taken without the profiler. The sweep's work comes from its report.json: the
-optimizer steps its trainings ran (a lane counts as one training), its sampled checkpoints and
-its validation points. Run it on the machine you want to judge: the floor moves with its matrix
+optimizer steps its trainings ran (a lane counts as one training), its screened checkpoints and
+full evaluations (report.json "evaluations"), and its validation points. Run it on the machine you want to judge: the floor moves with its matrix
 speed, which this prints as GFLOP/s.
 """
 
@@ -78,7 +78,11 @@ def sweep_work(report_path: Path) -> dict:
     steps = sum(t["collapse_step"] or t["fine_at"] or 0 for t in report["boundary"]["trainings"])
     points = [p for trial in report.get("validation") or [] for p in trial["points"]]
     metrics = report.get("answer", {}).get("metrics", {})
-    return {"steps": int(steps), "evaluations": sum(1 for p in points if p["sampled"]),
+    sampled = sum(1 for p in points if p["sampled"])
+    # With screening (the economy recipe) every sampled checkpoint was screened and some of them
+    # evaluated in full too; without it, each sampled checkpoint was one full evaluation.
+    full = (report.get("evaluations") or {}).get("full", 0)
+    return {"steps": int(steps), "screened": sampled if full else 0, "evaluations": full or sampled,
             "validation": sum(1 for p in points if not p["sampled"]),
             "worker_s": metrics.get("cost/measured_train_seconds", 0.0) + metrics.get("cost/measured_eval_seconds", 0.0)}
 
@@ -88,8 +92,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps timed per training path")
     parser.add_argument("--report", type=Path, default=REPO / "sweeps" / "lr_vs_steps" / "report.json",
                         help="a finished sweep's report.json (default: the committed default sweep's)")
-    parser.add_argument("--wall", type=float, default=463.0,
-                        help="the sweep's measured wall seconds (default: the README's run of the default sweep, 463 s)")
+    parser.add_argument("--wall", type=float, default=426.0,
+                        help="the sweep's measured wall seconds (default: the committed default sweep's run, 426 s)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes the sweep ran (2 on 2 cores)")
     args = parser.parse_args(argv)
 
@@ -110,8 +114,14 @@ def main(argv=None) -> int:
     trigger, prior = eval_prompts(settings)
     prepared = prepare_model(plan, extra_prompts=trigger + prior)
     pipe, data, train_cfg = prepared.pipe, prepared.data, settings.train
-    evaluator = CheckpointEvaluator(settings, pipe, data, plan.examples)
+    full_recipe = dataclasses.replace(settings, eval=dataclasses.replace(settings.eval, screening_seeds=None))
+    evaluator = CheckpointEvaluator(full_recipe, pipe, data, plan.examples)  # every seed
     evaluator.compute_base()
+    screening = list(settings.eval.screening_seeds or settings.eval.seeds[:1])
+    screener = CheckpointEvaluator(dataclasses.replace(settings, eval=dataclasses.replace(
+        settings.eval, seeds=screening, sample_steps=settings.eval.screening_sample_steps or settings.eval.sample_steps)),
+        pipe, data, plan.examples)
+    screener.compute_base()
     validation = ValidationLosses(settings, pipe, data)
     transformer = pipe.transformer
     params = inject_trial_lora(transformer, settings)
@@ -144,8 +154,12 @@ def main(argv=None) -> int:
                                                   arithmetic_seconds(lanes(profiled), profiled * len(LRS)), step_gflop),
     }
     evaluator.evaluate()  # warm-up
-    splits["checkpoint evaluation (48 samples)"] = Split(timed(evaluator.evaluate), arithmetic_seconds(evaluator.evaluate, 1),
-                                                        counted_gflop(evaluator.evaluate))
+    n_full = len(evaluator.settings.eval.seeds) * (len(trigger) + len(prior))
+    n_screened = len(screening) * (len(trigger) + len(prior))
+    full_name, screen_name = f"full evaluation ({n_full} samples)", f"screening evaluation ({n_screened} samples)"
+    splits[full_name] = Split(timed(evaluator.evaluate), arithmetic_seconds(evaluator.evaluate, 1), counted_gflop(evaluator.evaluate))
+    screener.evaluate()  # warm-up
+    splits[screen_name] = Split(timed(screener.evaluate), arithmetic_seconds(screener.evaluate, 1), counted_gflop(screener.evaluate))
     splits["validation point"] = Split(timed(lambda: validation.measure(transformer)),
                                        arithmetic_seconds(lambda: validation.measure(transformer), 1),
                                        counted_gflop(lambda: validation.measure(transformer)))
@@ -159,12 +173,13 @@ def main(argv=None) -> int:
 
     work = sweep_work(args.report)
     lane = splits[f"training step, lanes of {len(LRS)} (per lane)"]
-    ev, val = splits["checkpoint evaluation (48 samples)"], splits["validation point"]
-    floor = work["steps"] * lane.arithmetic_s + work["evaluations"] * ev.arithmetic_s + work["validation"] * val.arithmetic_s
-    at_speed = work["steps"] * lane.wall_s + work["evaluations"] * ev.wall_s + work["validation"] * val.wall_s
+    ev, sc, val = splits[full_name], splits[screen_name], splits["validation point"]
+    units = ((work["steps"], lane), (work["evaluations"], ev), (work["screened"], sc), (work["validation"], val))
+    floor = sum(n * unit.arithmetic_s for n, unit in units)
+    at_speed = sum(n * unit.wall_s for n, unit in units)
     print(f"\nthe sweep in {args.report.relative_to(REPO) if args.report.is_relative_to(REPO) else args.report}: "
-          f"{work['steps']} optimizer steps, {work['evaluations']} sampled checkpoints, {work['validation']} validation points; "
-          f"{work['worker_s']:.0f} worker-seconds measured there")
+          f"{work['steps']} optimizer steps, {work['evaluations']} full evaluations, {work['screened']} screened checkpoints, "
+          f"{work['validation']} validation points; {work['worker_s']:.0f} worker-seconds measured there")
     print(f"at this machine's measured speed (every step as a lane): {at_speed:.0f} worker-seconds")
     print(f"its arithmetic alone: {floor:.0f} worker-seconds = {floor / args.workers:.0f} s of wall time on {args.workers} workers "
           f"(the sweep took {args.wall:.0f} s: {args.wall / (floor / args.workers):.2f}x its arithmetic floor)")

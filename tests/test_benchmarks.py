@@ -125,7 +125,7 @@ def test_sampling_benchmark_runs_on_cpu():
     assert rows["base"] > rows["distilled"] > 0  # 50 steps with CFG against 4 without
 
 
-COMMITTED_WORKER_S = 697.015  # sweeps/lr_vs_steps/report.json: cost/measured_train_seconds + cost/measured_eval_seconds
+COMMITTED_WORKER_S = 758.403  # sweeps/lr_vs_steps/report.json: cost/measured_train_seconds + cost/measured_eval_seconds
 
 
 def test_the_floor_counts_the_committed_sweeps_work_from_its_report():
@@ -139,11 +139,28 @@ def test_the_floor_counts_the_committed_sweeps_work_from_its_report():
 
     work = sweep_work(REPO / "sweeps" / "lr_vs_steps" / "report.json")
     assert work["steps"] == 2000 + 2000 + 3500 + 3500 + 4000 + 5000
-    # a sampled checkpoint every 500 steps up to each training's end: 4 + 4 + 7 + 7 + 8 + 10
-    assert work["evaluations"] == 40
-    assert work["validation"] == 40  # one validation point halfway between checkpoints
-    # the report's measured training (409.7 s) and evaluation (287.3 s) seconds of all workers
+    # economy recipe: every checkpoint (500 steps apart) screened, 5 + 4 + 7 + 7 + 8 + 10 (the
+    # bisection evaluated 2500 too), and the deciding ones of them evaluated in full
+    assert work["screened"] == 41 and work["evaluations"] == 24
+    assert work["validation"] == 0  # economy: validation every 500 steps, at the checkpoints
+    # the report's measured training (502.6 s) and evaluation (255.8 s) seconds of all workers
     assert work["worker_s"] == pytest.approx(COMMITTED_WORKER_S, abs=0.01)
+
+
+def test_the_floor_counts_a_full_recipe_sweep_one_evaluation_a_checkpoint(tmp_path):
+    """A report without screening (the full recipe: no "evaluations" key in older reports, no
+    full evaluations beside the checkpoints' own): each sampled checkpoint is one full evaluation."""
+    import json
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_arithmetic_floor import sweep_work
+
+    report = json.loads((REPO / "sweeps" / "reproduce_2500_2e-4" / "report.json").read_text())
+    report.pop("evaluations", None)
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    work = sweep_work(tmp_path / "report.json")
+    sampled = sum(1 for t in report["validation"] for p in t["points"] if p["sampled"])
+    assert sampled > 0 and (work["screened"], work["evaluations"]) == (0, sampled)
 
 
 @pytest.mark.slow
@@ -156,14 +173,14 @@ def test_floor_benchmark_prints_the_sweeps_floor_from_its_measured_units():
         if line.startswith("| ") and " ms |" in line:
             cells = [c.strip() for c in line.strip("|").split("|")]
             arithmetic[cells[0]] = float(cells[2].removesuffix(" ms")) / 1000
-    work = re.search(r"(\d+) optimizer steps, (\d+) sampled checkpoints, (\d+) validation points", out)
-    steps, evaluations, validation = map(int, work.groups())
-    expected = (steps * arithmetic["training step, lanes of 3 (per lane)"] + evaluations * arithmetic["checkpoint evaluation (48 samples)"]
-                + validation * arithmetic["validation point"])
+    work = re.search(r"(\d+) optimizer steps, (\d+) full evaluations, (\d+) screened checkpoints, (\d+) validation points", out)
+    steps, evaluations, screened, validation = map(int, work.groups())
+    expected = (steps * arithmetic["training step, lanes of 3 (per lane)"] + evaluations * arithmetic["full evaluation (48 samples)"]
+                + screened * arithmetic["screening evaluation (12 samples)"] + validation * arithmetic["validation point"])
     floor = float(re.search(r"its arithmetic alone: (\d+) worker-seconds", out).group(1))
     assert abs(floor - expected) <= 0.01 * expected + 1, out
     # the committed sweep's work (test above), and its worker-seconds as measured there
-    assert (steps, evaluations, validation) == (20000, 40, 40)
+    assert (steps, evaluations, screened, validation) == (20000, 24, 41, 0)
     assert f"{COMMITTED_WORKER_S:.0f} worker-seconds measured there" in out
     # the floor on 2 workers, and the given 500 s wall as a multiple of it
     wall_floor, took, times = re.search(r"= (\d+) s of wall time on 2 workers \(the sweep took (\d+) s: ([\d.]+)x", out).groups()

@@ -57,6 +57,9 @@ def _as_json(results, axis, columns, labels, cells, lines, fit, best, corr, val_
         "validation": [{"trial": t.number, "setting": t.setting, "points": [v.to_json() for v in t.record.validation]}
                        for t in results.trials if t.record.validation],
         "failed": [{"trial": n, "cell": c, "reason": r} for n, c, r in results.failed],
+        # what the evaluation cost in units: checkpoints sampled, and of them evaluated in full (screening)
+        "evaluations": {"sampled": sum(1 for t in results.trials for r in t.rows if r.metrics),
+                        "full": sum(1 for t in results.trials for r in t.rows if r.full)},
         "answer": dict(zip(("metrics", "tags"), sweep_answer(results, lines, fit, best))),  # the parent run's
     }
 
