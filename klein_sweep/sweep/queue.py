@@ -114,7 +114,7 @@ def _counted_trials(study, before: int | None = None) -> int:
     )
 
 
-STALE_POLL_S = 1.0
+STALE_POLL_S = 1.0  # how often an idle worker looks at the running trials (a SQLite or PostgreSQL read)
 
 
 def wait_for_stale_cells(study, plan: SweepPlan) -> bool:
