@@ -11,7 +11,7 @@ import pytest
 from sweep_helpers import compose_plan
 
 # lr 4e-4, the committed default sweep's earliest collapse: fine at 1500, collapsed at 2000
-# (sweeps/lr_vs_steps/report.md), under the full recipe.
+# (sweeps/lr_vs_steps/report.md; the same under both recipes, docs/evaluation_cost.md).
 SMALL_SWEEP = ["+sweep=lr_vs_steps", "sweep.params.train.lr.values=[4e-4]", "sweep.params.train.steps.values=[1000,1500,2000]",
                "sweep.refine=false", "tracking=none", "sweep.workers=1"]
 
