@@ -78,10 +78,11 @@ def sweep_work(report_path: Path) -> dict:
     steps = sum(t["collapse_step"] or t["fine_at"] or 0 for t in report["boundary"]["trainings"])
     points = [p for trial in report.get("validation") or [] for p in trial["points"]]
     metrics = report.get("answer", {}).get("metrics", {})
-    sampled = sum(1 for p in points if p["sampled"])
+    # report.json's counts (older reports: the sampled validation points, one per checkpoint).
     # With screening (the economy recipe) every sampled checkpoint was screened and some of them
     # evaluated in full too; without it, each sampled checkpoint was one full evaluation.
-    full = (report.get("evaluations") or {}).get("full", 0)
+    counts = report.get("evaluations") or {"sampled": sum(1 for p in points if p["sampled"]), "full": 0}
+    sampled, full = counts["sampled"], counts["full"]
     return {"steps": int(steps), "screened": sampled if full else 0, "evaluations": full or sampled,
             "validation": sum(1 for p in points if not p["sampled"]),
             "worker_s": metrics.get("cost/measured_train_seconds", 0.0) + metrics.get("cost/measured_eval_seconds", 0.0)}

@@ -170,7 +170,11 @@ def lane_companions(study, first, plan: SweepPlan, lanes: int) -> tuple[list, ob
         return spec is None or (lane_ready(other_spec, plan) and (other_spec.from_step, other_spec.to_step) == (spec.from_step, spec.to_step))
 
     if spec is not None:
-        lanes = min(lanes, continuation_share(study, spec, plan))
+        # Continuations are the sweep's tail: each worker of the command takes an even share of
+        # those ready together (one taking all three of the default sweep's kept the other idle).
+        ready = 1 + sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+                        if fits(t.system_attrs.get("fixed_params"), RefineSpec.from_json(t.user_attrs.get(Attr.REFINE))))
+        lanes = min(lanes, -(-ready // max(1, plan.peers)))
     companions = []
     while len(companions) < lanes - 1:
         waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
@@ -186,20 +190,6 @@ def lane_companions(study, first, plan: SweepPlan, lanes: int) -> tuple[list, ob
             return companions, trial
         companions.append(trial)
     return companions, None
-
-
-def continuation_share(study, spec: RefineSpec, plan: SweepPlan) -> int:
-    """How many of the continuations ready with `spec` (itself included) one worker takes as
-    lanes: an even share among the command's workers. Continuations are the sweep's tail: the
-    default sweep's three, all taken by one worker as lanes, kept the other worker idle to the end."""
-    from optuna.trial import TrialState
-
-    ready = 1 + sum(
-        1 for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-        if (other := RefineSpec.from_json(t.user_attrs.get(Attr.REFINE))) is not None and lane_ready(other, plan)
-        and (other.from_step, other.to_step) == (spec.from_step, spec.to_step)
-    )
-    return -(-ready // max(1, plan.peers))
 
 
 def lane_ready(spec: RefineSpec | None, plan: SweepPlan) -> bool:
