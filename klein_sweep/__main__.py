@@ -162,7 +162,6 @@ def run_single_trial(settings: Settings, resolved_yaml: str) -> None:
 def run_sweep_command(settings: Settings, resolved: dict) -> None:
     from klein_sweep.errors import ConfigError
     from klein_sweep.sweep.plan import plan_sweep
-    from klein_sweep.sweep.parallel import run_on_this_machine
 
     if not settings.eval.enabled and settings.sweep.objective.startswith("eval/"):
         raise ConfigError("eval.enabled", False, f"true: the sweep's objective {settings.sweep.objective} is measured at checkpoints (eval=default)")
@@ -186,6 +185,8 @@ def run_sweep_command(settings: Settings, resolved: dict) -> None:
     from klein_sweep.sweep.study import check_storage
 
     check_storage(plan)  # before the study, the MLflow run or any file exists
+    from klein_sweep.sweep.parallel import run_on_this_machine  # torch and the trial code: after the checks
+
     log.info("study %s in %s", plan.study_name, redact(plan.storage_url))
     summary = run_on_this_machine(plan)
     if settings.sweep.role == "prepare":

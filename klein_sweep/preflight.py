@@ -113,8 +113,8 @@ def check_network_packages(settings: Settings) -> None:
     """The packages of the metric networks the evaluation will use (eval.feature_network,
     eval.identity_network, `auto` decided for the model; CLIP for eval.prompt_fidelity) import.
     They are imported only when the evaluator is built, after the model has loaded."""
-    from klein_sweep.evaluation.networks import resolve_networks
-    from klein_sweep.evaluation.real_networks import PACKAGES
+    from klein_sweep.evaluation.network_choice import resolve_networks
+    from klein_sweep.evaluation.network_choice import PACKAGES
 
     e = settings.eval
     feature, identity = resolve_networks(e, settings.model.kind)
@@ -138,7 +138,7 @@ def _package_problem(network: str) -> str | None:
     """Why `network`'s packages would not import, or None. Found with find_spec (nothing is
     imported); the ones in IMPORT_CHECKED are imported, since an installed build for another torch
     fails only then."""
-    from klein_sweep.evaluation.real_networks import IMPORT_CHECKED, PACKAGES
+    from klein_sweep.evaluation.network_choice import IMPORT_CHECKED, PACKAGES
 
     for module, pip in PACKAGES[network][0]:
         if importlib.util.find_spec(module) is None:
@@ -169,7 +169,7 @@ def check_settings(settings: Settings, planning_only: bool = False) -> None:
         return
     check_environment(settings)
     if settings.eval.enabled:
-        from klein_sweep.evaluation.networks import check_networks_available
+        from klein_sweep.evaluation.network_choice import check_networks_available
 
         check_networks_available(settings.eval, settings.model.kind)
         check_network_packages(settings)

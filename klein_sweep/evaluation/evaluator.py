@@ -14,7 +14,8 @@ import torch
 from klein_sweep.config import Settings
 from klein_sweep.evaluation import metrics as M
 from klein_sweep.evaluation.base_samples import BaseSampleCache
-from klein_sweep.evaluation.networks import build_feature_network, resolve_networks
+from klein_sweep.evaluation.network_choice import resolve_networks
+from klein_sweep.evaluation.networks import build_feature_network
 from klein_sweep.evaluation.sampling import SampleRecipe, generate, labelled_grid
 from klein_sweep.record import BaseStats
 

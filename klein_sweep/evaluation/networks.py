@@ -1,4 +1,4 @@
-"""Which metric network serves which model, and building one by name: a fixed random conv net
+"""Building a metric network by name (network_choice.py picks which): a fixed random conv net
 (for the random tiny model), the mini world's own network, or a real one from a local folder."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from klein_sweep.errors import ConfigError
 from klein_sweep.evaluation.feature_network import FeatureNetwork
-from klein_sweep.evaluation.real_networks import DOWNLOADS, load_real_network, network_path
+from klein_sweep.evaluation.network_choice import DOWNLOADS
+from klein_sweep.evaluation.real_networks import load_real_network
 
 
 class RandomConvFeatures(FeatureNetwork):
@@ -49,20 +50,6 @@ class RandomConvFeatures(FeatureNetwork):
         return self.head(self.embed(images)) * 4.0
 
 
-def resolve_networks(eval_cfg, model_kind: str) -> tuple[str, str | None]:
-    """(feature network, identity network) with `auto` decided: the network that knows the
-    model's world - the mini world's own net, a random conv net for the random tiny model, for
-    real images Inception (distribution metrics) and DINOv2 (identity). Identity None: the
-    feature network's own identity embedding."""
-    feature = eval_cfg.feature_network
-    if feature == "auto":
-        feature = {"pretrained": "inception", "mini": "mini"}.get(model_kind, "random_conv")
-    identity = eval_cfg.identity_network
-    if identity == "auto":
-        identity = "dinov2" if model_kind == "pretrained" else "same"
-    return feature, (None if identity == "same" else identity)
-
-
 def build_feature_network(name: str, paths: dict | None = None) -> FeatureNetwork:
     """A network by name (after resolve_networks); the real ones from eval.network_paths."""
     if name == "random_conv":
@@ -74,15 +61,3 @@ def build_feature_network(name: str, paths: dict | None = None) -> FeatureNetwor
     if name in DOWNLOADS:
         return load_real_network(name, paths or {})
     raise ConfigError("eval.feature_network", name, "mini, random_conv, inception, dinov2, clip (identity also: arcface)")
-
-
-def networks_needed(eval_cfg, model_kind: str) -> list[str]:
-    """The real networks an eval config will load (to check their folders before a sweep starts)."""
-    names = [*resolve_networks(eval_cfg, model_kind), "clip" if eval_cfg.prompt_fidelity else None]
-    return sorted({n for n in names if n in DOWNLOADS})
-
-
-def check_networks_available(eval_cfg, model_kind: str) -> None:
-    """ConfigError naming what to download, before anything is written."""
-    for name in networks_needed(eval_cfg, model_kind):
-        network_path(eval_cfg.network_paths, name)

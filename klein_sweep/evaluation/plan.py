@@ -11,7 +11,7 @@ def describe_evaluation(settings: Settings, checkpoints: list[int]) -> str:
     losses and the metric networks, as indented lines."""
     from klein_sweep.config.recipes import recipe_name
     from klein_sweep.evaluation.evaluator import eval_prompts, sample_recipe
-    from klein_sweep.evaluation.networks import resolve_networks
+    from klein_sweep.evaluation.network_choice import resolve_networks
 
     e, m = settings.eval, settings.model
     if not e.enabled:

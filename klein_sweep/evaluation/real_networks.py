@@ -21,41 +21,7 @@ import torch.nn.functional as F
 
 from klein_sweep.errors import ConfigError
 from klein_sweep.evaluation.feature_network import FeatureNetwork
-
-DOWNLOADS = {
-    "dinov2": "hf download facebook/dinov2-base --include '*.json' --include '*.safetensors' --local-dir DIR",
-    "clip": "hf download openai/clip-vit-large-patch14 --include '*.json' --include '*.txt' --include '*.safetensors' --local-dir DIR",
-    "inception": "the FID Inception weights https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-                 "pt_inception-2015-12-05-6726825d.pth saved as DIR/weights-inception-2015-12-05-6726825d.pth",
-    "arcface": "an insightface model pack (e.g. buffalo_l) unpacked as DIR/models/buffalo_l",
-}
-
-# What each network imports, as (module, pip name), and how to install it: checked before a run
-# starts (preflight.py), since the import itself happens only once the model has loaded.
-PACKAGES = {
-    "inception": ((("torch_fidelity", "torch-fidelity"), ("torchvision", "torchvision")),
-                  "pip install 'klein_sweep[inception]' (torchvision comes with it; some machines have no CPU build of it)"),
-    "arcface": ((("insightface", "insightface"), ("onnxruntime", "onnxruntime")), "pip install 'klein_sweep[arcface]'"),
-    "dinov2": ((("transformers", "transformers"),), "pip install 'transformers>=4.57' (a dependency of klein_sweep)"),
-    "clip": ((("transformers", "transformers"),), "pip install 'transformers>=4.57' (a dependency of klein_sweep)"),
-}
-# Modules that can be installed and still fail to import (a torchvision built for another torch):
-# imported for real when present, not only found.
-IMPORT_CHECKED = {"torchvision"}
-
-
-def network_path(paths: dict, name: str) -> Path:
-    """The local folder for `name`, or a ConfigError saying what to download."""
-    raw = (paths or {}).get(name)
-    if not raw or not Path(raw).exists():
-        where = f"no folder {raw}" if raw else "not set"
-        raise ConfigError(
-            f"eval.network_paths.{name}", raw,
-            f"a local folder with the {name} weights ({where}); download once with: {DOWNLOADS[name]}, "
-            f"then set eval.network_paths.{name}=DIR",
-        )
-    return Path(raw)
-
+from klein_sweep.evaluation.network_choice import DOWNLOADS, network_path
 
 def _normalise(images: torch.Tensor, size: int, mean, std) -> torch.Tensor:
     """(N, 3, H, W) in [0, 1] -> resized to size x size and standardised."""
