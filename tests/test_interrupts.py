@@ -20,10 +20,10 @@ def test_ctrl_c_prints_one_line_closes_the_runs_and_the_same_command_resumes(tmp
     from mlflow.tracking import MlflowClient
     from optuna.trial import TrialState
 
-    # A checkpoint at step 2 shows a trial is training; 2000 steps (~11 s of training on one
-    # AVX-512 core) keep both trials in flight until the workers get the signal, 3 s after the
-    # command does.
-    args = sweep_args("lr_vs_steps", tmp_path, "sweep.params.train.steps.values=[2,2000]", f"sweep.workers={workers}")
+    # A checkpoint at step 2 shows a trial is training; 1500 steps (~8 s of training on one
+    # AVX-512 core) keep both trials in flight until the workers get the signal, which the
+    # command passes on at once, 1.5 s after both were seen training.
+    args = sweep_args("lr_vs_steps", tmp_path, "sweep.params.train.steps.values=[2,1500]", f"sweep.workers={workers}")
     worker = run_worker(args, cwd=tmp_path)
     db = tmp_path / "sweeps" / "lr_vs_steps" / "study.db"
     deadline, in_flight = time.time() + 300, None

@@ -46,6 +46,10 @@ def test_two_worker_processes_share_the_grid_and_find_what_one_worker_finds(tmp_
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert parent.info.status == "FINISHED" and parent.data.metrics["sweep/trials_finished"] == 3
     assert sorted(r.info.status for r in runs if r is not parent) == ["FINISHED"] * 3
+    # the cost prediction, logged by the first worker process: once, the preview's own numbers
+    cost = json.loads((tmp_path / "sweeps" / "two" / "cost.json").read_text())
+    assert parent.data.metrics["cost/predicted_eval_share"] == pytest.approx(cost["eval_share"], abs=1e-3)
+    assert [m.step for m in client.get_metric_history(parent.info.run_id, "cost/predicted_train_pflop")] == [0]
 
 
 def test_auto_uses_every_core_for_long_cpu_trials_only(tmp_path):

@@ -22,8 +22,10 @@ import time
 
 from klein_sweep.errors import ConfigError, KleinSweepError
 from klein_sweep.interrupts import raise_if_requested
+from klein_sweep.record import StudyAttr
 from klein_sweep.sweep.plan import SweepPlan
-from klein_sweep.sweep.worker import SweepSummary, close_parent_run, finish_sweep, prepare_study, run_sweep
+from klein_sweep.sweep.parent_run import open_parent_run
+from klein_sweep.sweep.worker import SweepSummary, close_parent_run, finish_sweep, prepare_queue, run_sweep
 
 log = logging.getLogger(__name__)
 
@@ -85,18 +87,20 @@ def run_on_this_machine(plan: SweepPlan) -> SweepSummary:
 
 
 def run_parallel(plan: SweepPlan, workers: int) -> SweepSummary:
-    import multiprocessing
-
     from tqdm.auto import tqdm
 
-    study, parent = prepare_study(plan)
+    study = prepare_queue(plan)
+    context = worker_process_context()  # its imports run while the parent run opens
+    new_run = plan.tracking.backend != "none" and not study.user_attrs.get(StudyAttr.PARENT_RUN)
+    # The cost prediction counts FLOPs on the model's classes: the first worker, which has them
+    # imported, logs it; this process would spend ~6 s of CPU importing them for that alone.
+    parent = open_parent_run(study, plan, cost_prediction=False)
     sweep = copy.copy(plan.sweep)  # validated already: a copy, not a rebuilt SweepConfig
     sweep.role, sweep.workers = "work", 1
-    work_plan = dataclasses.replace(plan, sweep=sweep, peers=workers)
+    work_plans = [dataclasses.replace(plan, sweep=sweep, peers=workers, logs_cost_prediction=new_run and i == 0) for i in range(workers)]
     threads = max(1, (os.cpu_count() or 1) // workers)
     log.info("%d worker processes, %d thread%s each", workers, threads, "s" * (threads > 1))
-    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch threads or locks
-    processes = [context.Process(target=work, args=(work_plan, threads, i), name=f"worker {i}") for i in range(workers)]
+    processes = [context.Process(target=work, args=(work_plans[i], threads, i), name=f"worker {i}") for i in range(workers)]
     for p in processes:
         p.start()
     total = len(plan.cells) or plan.sweep.n_trials or 0
@@ -110,10 +114,8 @@ def run_parallel(plan: SweepPlan, workers: int) -> SweepSummary:
             raise_if_requested()  # a Ctrl-C swallowed inside a library callback
     except KeyboardInterrupt:
         # A Ctrl-C on a terminal reaches every worker too; a signal sent to this process alone
-        # is passed on. Each worker marks its trial interrupted and exits.
-        deadline = time.monotonic() + 3
-        while any(p.is_alive() for p in processes) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        # is passed on at once (a worker acts on the first SIGINT and ignores a second). Each
+        # worker marks its trial interrupted and exits.
         for p in processes:
             if p.is_alive():
                 os.kill(p.pid, signal.SIGINT)
@@ -137,6 +139,21 @@ def run_parallel(plan: SweepPlan, workers: int) -> SweepSummary:
                            workers=workers)
     summary.report_dir = finish_sweep(study, plan, parent)
     return summary
+
+
+def worker_process_context():
+    """Worker processes forked from a fork server that imported the workers' libraries once
+    (sweep/preload.py), started now: N workers skip N imports (~6 s of CPU each on 2 cores
+    AVX-512). The server is a fresh interpreter that has run no torch operation, so a fork
+    inherits no thread pool or lock; it ignores Ctrl-C and exits with this process, and its
+    workers with it (_die_with_parent)."""
+    import multiprocessing
+    from multiprocessing import forkserver
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["klein_sweep.sweep.preload"])
+    forkserver.ensure_running()
+    return context
 
 
 # Seconds an interrupted worker has to mark its trial and exit. A worker that does not (one
@@ -205,7 +222,8 @@ def work(plan: SweepPlan, threads: int, index: int) -> None:
 
 def _die_with_parent() -> None:
     """Linux: a worker whose parent command is killed (SIGKILL, OOM killer) is killed too, like
-    a single-process sweep would be; its trial is then recovered by the next start."""
+    a single-process sweep would be; its trial is then recovered by the next start. The worker's
+    parent is the fork server, which exits when the command's end closes its pipe."""
     if not sys.platform.startswith("linux"):
         return
     import ctypes

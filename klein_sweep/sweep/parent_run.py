@@ -35,8 +35,9 @@ def close_parent_run(study, parent, status: str) -> None:
         log.warning("could not close the MLflow parent run: %s", exc)
 
 
-def open_parent_run(study, plan: SweepPlan):
-    """The study's MLflow parent run: created by the first worker, reopened by the others."""
+def open_parent_run(study, plan: SweepPlan, cost_prediction: bool = True):
+    """The study's MLflow parent run: created by the first worker, reopened by the others.
+    `cost_prediction=False`: created without it, for a worker to log (log_cost_prediction)."""
     from klein_sweep.tracking import MlflowTracker
 
     tracking = plan.tracking
@@ -60,7 +61,8 @@ def open_parent_run(study, plan: SweepPlan):
     study.set_user_attr(StudyAttr.PARENT_RUN, parent.run_id)
     record_tracking_store(study, plan)
     parent.share_runs_view(*runs_view_columns(plan), chart_sections=runs_view_sections(plan))
-    log_cost_prediction(parent, plan)
+    if cost_prediction:
+        log_cost_prediction(parent, plan)
     return parent
 
 

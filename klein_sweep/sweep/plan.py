@@ -28,6 +28,7 @@ class SweepPlan:
     n_trainings_saved: int = 0  # trainings avoided by evaluating steps as checkpoints
     notes: list[str] = field(default_factory=list)
     peers: int = 1  # worker processes this command started on the study (continuation lanes share among them)
+    logs_cost_prediction: bool = False  # this worker logs the cost prediction on a parent run opened without it
 
     @property
     def study_name(self) -> str:

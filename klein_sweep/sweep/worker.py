@@ -6,7 +6,7 @@ recorded with its reason and the worker goes on.
 
   run_sweep       sweep.role run: prepare + work + report; prepare: the first only; work: the
                   last two, on a study prepared before
-  prepare_study   create or reopen the study, queue the grid, record the plan, open the parent run
+  prepare_study   create or reopen the study, queue the grid, record the plan (prepare_queue), open the parent run
   join_study      a worker joining a prepared study
 
 One trial's run is sweep/trial_run.py's; grid cells that differ only in lr run as one lane
@@ -27,7 +27,7 @@ from klein_sweep.record import StudyAttr, StudyMeta
 from klein_sweep.redaction import redact
 from klein_sweep.sweep.faults import MachineFault, machine_fault
 from klein_sweep.sweep.lane_group import run_lane_group
-from klein_sweep.sweep.parent_run import check_tracking_store, close_parent_run, open_parent_run
+from klein_sweep.sweep.parent_run import check_tracking_store, close_parent_run, log_cost_prediction, open_parent_run
 from klein_sweep.sweep.plan import SweepPlan, plan_differences, plan_fingerprint, plan_hash
 from klein_sweep.sweep.queue import lane_companions, next_trial, sync_grid_queue
 from klein_sweep.sweep.refinement import next_refinement_trial
@@ -82,6 +82,8 @@ def run_sweep(plan: SweepPlan, progress: bool = True, report: bool = True) -> Sw
     role = plan.sweep.role
     study, parent = join_study(plan) if role == "work" else prepare_study(plan)
     summary = SweepSummary(parent_run_id=getattr(parent, "run_id", None), experiment_id=getattr(parent, "experiment_id", None))
+    if plan.logs_cost_prediction and parent is not None:
+        log_cost_prediction(parent, plan)
     if role == "prepare":
         return summary
     shared = SharedModel()
@@ -166,6 +168,12 @@ def study_meta(plan: SweepPlan) -> StudyMeta:
 def prepare_study(plan: SweepPlan):
     """Create or reopen the study, queue the grid cells no trial holds (again those of dead
     workers), record the plan, create the MLflow experiment and parent run. Idempotent."""
+    study = prepare_queue(plan)
+    return study, open_parent_run(study, plan)
+
+
+def prepare_queue(plan: SweepPlan):
+    """prepare_study without the MLflow parent run: the study checked, queued and its plan recorded."""
     study = open_study(plan)
     check_tracking_store(study, plan)  # before anything is queued into the study or tracked
     meta = study_meta(plan)
@@ -179,7 +187,7 @@ def prepare_study(plan: SweepPlan):
         queued = sync_grid_queue(study, plan.cells, retry_failed=plan.sweep.retry_failed)
         log.info("grid: %d cells, %d queued now", len(plan.cells), queued)
     study.set_user_attr(StudyAttr.META, meta.to_json())
-    return study, open_parent_run(study, plan)
+    return study
 
 
 def join_study(plan: SweepPlan):
