@@ -58,8 +58,8 @@ def collapsing_at(monkeypatch, collapse_at: int) -> None:
         self.lora_step = step  # the snapshot's LoRA is the one evaluate_full_now measures
         return full_at(self, step, model)
 
-    def in_full_now(self, model):
-        return leaked(full_now(self, model), self.lora_step)
+    def in_full_now(self, step, model):
+        return leaked(full_now(self, step, model), self.lora_step)
 
     monkeypatch.setattr(TrialEvaluation, "evaluate", screened)
     monkeypatch.setattr(TrialEvaluation, "evaluate_full_at", in_full_at)
@@ -108,3 +108,40 @@ def test_screened_sweep_evaluates_the_deciding_checkpoints_in_full(tmp_path, mon
     assert cells[2] == "collapsed"
     assert (float(cells[3]), float(cells[4])) == pytest.approx((by_step[8]["id_sim"], by_step[8]["full"]["id_sim"]), abs=1e-3)
     assert cells[3] != cells[4]
+
+
+def test_the_full_evaluation_of_a_screened_checkpoint_samples_only_the_seeds_the_screening_did_not(tmp_path, monkeypatch):
+    """The screening drew seeds 0 and 1 at the full recipe's steps: the full evaluation of the
+    same checkpoint samples seeds 2 and 3 only, and measures what a full evaluation from scratch
+    does."""
+    from types import SimpleNamespace
+
+    import klein_sweep.evaluation.evaluator as evaluator_module
+    from klein_sweep.data.folder import load_examples
+    from klein_sweep.evaluation.policies import EvaluationPolicy
+    from sweep_helpers import tiny_world
+
+    settings, pipe, data = tiny_world(tmp_path, "eval.seeds=[0,1,2,3]", "eval.screening_seeds=[0,1]")
+    policy = EvaluationPolicy(settings, SimpleNamespace(pipe=pipe, data=data), load_examples(settings.data))
+    trained_like(pipe, rank=4, alpha=4.0)  # a LoRA that moves the samples
+    drawn = []
+    generate = evaluator_module.generate
+
+    def counting(pipe, embeds, negative, seeds, recipe, **kwargs):
+        drawn.extend(seeds)
+        return generate(pipe, embeds, negative, seeds, recipe, **kwargs)
+
+    monkeypatch.setattr(evaluator_module, "generate", counting)
+    trial = policy.start_trial()
+    trial.evaluate(2, pipe.transformer)
+    prompts = len(settings.eval.trigger_prompts) + len(settings.eval.prior_prompts)
+    assert sorted(drawn) == sorted([0, 1] * prompts)  # the screening: seeds 0 and 1 of every prompt
+    drawn.clear()
+    reused = trial.evaluate_full_now(2, pipe.transformer)
+    assert sorted(drawn) == sorted([2, 3] * prompts)  # seeds 0 and 1 came from the screening
+    drawn.clear()
+    fresh, _ = policy.full.evaluate()
+    assert sorted(drawn) == sorted([0, 1, 2, 3] * prompts)
+    assert reused.keys() == fresh.keys()
+    for key in fresh:  # batches of other sizes: floating-point noise at most
+        assert reused[key] == pytest.approx(fresh[key], rel=1e-4, abs=1e-5), key

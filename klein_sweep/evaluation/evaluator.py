@@ -43,6 +43,17 @@ class PromptSet:
 
 
 @dataclass
+class DrawnSamples:
+    """One evaluation's samples: images (P x len(seeds), 3, R, R) by prompt set, prompt-major,
+    with the recipe that drew them. A full evaluation of the same LoRA reuses the ones its own
+    seeds and recipe share (the screening's first seed is the full recipe's first seed)."""
+
+    recipe: SampleRecipe
+    seeds: list[int]
+    images: dict[str, torch.Tensor]  # "trigger", "prior"
+
+
+@dataclass
 class BaseReference:
     """What the base model (no LoRA) does on the eval prompts: the yardstick for underfit,
     prior preservation and leak."""
@@ -96,6 +107,7 @@ class CheckpointEvaluator:
         self.n_seeds = len(seeds)
         self.seeds = seeds
         self.base: BaseReference | None = None
+        self.drawn: DrawnSamples | None = None  # the last evaluation's samples
         # Features of the sets every checkpoint is measured against, computed once (compute_base)
         self._reference_embedded: torch.Tensor | None = None
         self._reference_identities: torch.Tensor | None = None
@@ -108,6 +120,21 @@ class CheckpointEvaluator:
 
     def _sample(self, prompt_set: PromptSet, cache: BaseSampleCache | None = None) -> torch.Tensor:
         return generate(self.pipe, prompt_set.embeds, self.negative, prompt_set.seeds, self.recipe, cache=cache)
+
+    def _sample_reusing(self, name: str, prompt_set: PromptSet, known: DrawnSamples | None) -> torch.Tensor:
+        """The prompt set's images, the (prompt, seed) pairs `known` drew with this recipe taken
+        from it, only the others sampled. (P x S, 3, R, R), prompt-major over self.seeds."""
+        if known is None or known.recipe != self.recipe or not set(known.seeds) < set(self.seeds):
+            return self._sample(prompt_set)
+        have = {seed: j for j, seed in enumerate(known.seeds)}
+        missing = [k for k, seed in enumerate(prompt_set.seeds) if seed not in have]
+        drawn = self._sample(PromptSet(prompt_set.embeds[missing], [prompt_set.seeds[k] for k in missing]))
+        images = torch.empty((len(prompt_set.seeds), *drawn.shape[1:]), dtype=drawn.dtype)
+        images[missing] = drawn
+        for k, seed in enumerate(prompt_set.seeds):
+            if seed in have:  # prompt k // S at that seed, where `known` holds it
+                images[k] = known.images[name][(k // self.n_seeds) * len(known.seeds) + have[seed]]
+        return images
 
     def compute_base(self) -> BaseReference:
         """Sample the base model (or read its samples from the disk cache of earlier runs). Call
@@ -158,15 +185,18 @@ class CheckpointEvaluator:
         return {"trigger": labelled_grid(self.base.trigger_images, self.grid_rows["trigger"], self.seeds),
                 "prior": labelled_grid(self.base.prior_images, self.grid_rows["prior"], self.seeds)}
 
-    def evaluate(self) -> tuple[dict[str, float], dict[str, "PIL.Image.Image"]]:  # noqa: F821
+    def evaluate(self, known: DrawnSamples | None = None) -> tuple[dict[str, float], dict[str, "PIL.Image.Image"]]:  # noqa: F821
         """Metric row (keys without the `eval/` prefix) and the labelled sample grids by prompt
-        set ("trigger", "prior"), for the pipeline's current transformer (with its LoRA)."""
+        set ("trigger", "prior"), for the pipeline's current transformer (with its LoRA).
+        `known`: samples of this same LoRA drawn before (the screening's), reused where they are
+        this recipe's. The samples drawn are kept in self.drawn."""
         assert self.base is not None, "compute_base() first"
         from klein_sweep.lora.adapters import merged_lora
 
         e = self.settings.eval
         with self.placement.stage(self.sample_stage), merged_lora(self.pipe.transformer):
-            trig, prior = self._sample(self.trigger), self._sample(self.prior)
+            trig, prior = self._sample_reusing("trigger", self.trigger, known), self._sample_reusing("prior", self.prior, known)
+        self.drawn = DrawnSamples(self.recipe, self.seeds, {"trigger": trig, "prior": prior})
         clean_trig = torch.nan_to_num(trig)
         clean_prior = torch.nan_to_num(prior)
         sanity = M.image_sanity(torch.cat([trig, prior]), e.flat_std, e.noise_level)

@@ -107,6 +107,7 @@ class TrialEvaluation:
     def __init__(self, policy: EvaluationPolicy):
         self.policy = policy
         self.snapshots: dict[int, dict] = {}  # step -> LoRA values (screening only)
+        self.screened: dict[int, object] = {}  # step -> its screening's DrawnSamples, reused by its full evaluation
         self.seconds = 0.0
 
     def base_grids(self) -> dict:
@@ -127,6 +128,8 @@ class TrialEvaluation:
         start = time.perf_counter()
         metrics, grids = p.evaluator.evaluate()
         result = CheckpointResult(metrics=metrics, grids=grids)
+        if p.full is not None:
+            self.screened[step] = p.evaluator.drawn
         for strength in p.scales:  # the same samples at a weaker (or stronger) LoRA
             with lora_strength(model, strength):
                 at_strength, _ = p.evaluator.evaluate()
@@ -143,11 +146,13 @@ class TrialEvaluation:
     def screening(self) -> bool:
         return self.policy.full is not None
 
-    def evaluate_full_now(self, model: torch.nn.Module) -> dict[str, float]:
-        """The full evaluation of the LoRA the model holds now (a screened checkpoint that looks
-        collapsed is judged on these values before training goes on or stops)."""
+    def evaluate_full_now(self, step: int, model: torch.nn.Module) -> dict[str, float]:
+        """The full evaluation of checkpoint `step`'s LoRA, which the model holds now (a screened
+        checkpoint that looks collapsed is judged on these values before training goes on or
+        stops). The screening's samples of that checkpoint are reused: with the economy recipe
+        its first seed at the same steps, a quarter of the full recipe's samples."""
         start = time.perf_counter()
-        values, _ = self.policy.full.evaluate()
+        values, _ = self.policy.full.evaluate(known=self.screened.get(step))
         self.seconds += time.perf_counter() - start
         return values
 
@@ -159,7 +164,7 @@ class TrialEvaluation:
         if step not in self.snapshots:
             return None
         restore_lora(model, self.snapshots[step])
-        return self.evaluate_full_now(model)
+        return self.evaluate_full_now(step, model)
 
     def save_at(self, step: int, model: torch.nn.Module, save) -> None:
         """`save(model)` with checkpoint `step`'s LoRA loaded. Call inside `restoring(model)`."""
@@ -180,6 +185,7 @@ class TrialEvaluation:
         finally:
             restore_lora(model, final)
             self.snapshots.clear()
+            self.screened.clear()
 
 
 def classify_strengths(rows: list[CheckpointRow], base: BaseStats | None, th) -> list[CheckpointRow]:

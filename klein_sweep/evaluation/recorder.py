@@ -73,7 +73,7 @@ class TrialRecorder:
         if self.evaluation is not None and self.evaluation.screening and \
                 collapse.suspect_collapse(self.history + self.rows, self.base, self.settings.eval, self.base_full):
             # A collapse is declared on the full recipe's values only: judge this one in full now.
-            row.full = self.evaluation.evaluate_full_now(model)
+            row.full = self.evaluation.evaluate_full_now(event.step, model)
             metrics.update({f"eval_full/{k}": v for k, v in row.full.items()})
         current = self.judged()[-1]
         metrics["eval/collapsed"] = float(current.state == "collapsed")
