@@ -104,3 +104,44 @@ def test_a_rebuilt_mini_transformer_is_another_model(tmp_path, monkeypatch):
     weights.write_bytes(bytes(data))
     assert loading.transformer_id(mini) != shipped
     assert loading.transformer_id(ModelConfig(name="mini", kind="mini", dtype="bfloat16")) != loading.transformer_id(mini)
+
+
+def test_workers_starting_together_draw_different_sets_and_read_the_others(tmp_path, monkeypatch):
+    """Another worker is drawing the base prior samples (it holds that entry's lock): this one
+    draws the trigger and other-seeds sets, waits for the prior set, and reads it once stored
+    instead of drawing it too."""
+    import threading
+    import time
+
+    from klein_sweep.data.folder import load_examples
+    from klein_sweep.evaluation import sampling
+    from klein_sweep.evaluation.base_samples import BaseSampleCache
+
+    settings, pipe, data = tiny_world(tmp_path)
+    evaluator = CheckpointEvaluator(settings, pipe, data, load_examples(settings.data))
+    cache = BaseSampleCache.for_settings(settings)
+    prior_key = cache.key(pipe, evaluator.prior.embeds, evaluator.negative, evaluator.prior.seeds, evaluator.recipe)
+    drawn_by = []  # (thread, seeds) of every set actually denoised
+    denoise = sampling._denoise
+
+    def recorded(pipe, embeds, negative, seeds, recipe, attention_kwargs):
+        drawn_by.append((threading.current_thread().name, list(seeds)))
+        return denoise(pipe, embeds, negative, seeds, recipe, attention_kwargs)
+
+    monkeypatch.setattr(sampling, "_denoise", recorded)
+    with cache.drawing(prior_key, wait=False) as held:  # "the other worker" draws the prior set
+        assert held
+        worker = threading.Thread(target=evaluator.compute_base, name="worker")
+        worker.start()
+        deadline = time.monotonic() + 60
+        while len(list(cache.root.glob("*.safetensors"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)  # the worker draws the two sets nobody holds
+        assert worker.is_alive()  # and waits for the prior set
+        sampling.generate(pipe, evaluator.prior.embeds, evaluator.negative, evaluator.prior.seeds, evaluator.recipe, cache=cache)
+    worker.join(timeout=60)
+    assert not worker.is_alive()
+    by_worker = [seeds for name, seeds in drawn_by if name == "worker"]
+    assert evaluator.prior.seeds not in by_worker and len(by_worker) == 2  # trigger and other seeds only
+    assert [seeds for name, seeds in drawn_by if name != "worker"] == [evaluator.prior.seeds]
+    alone, _ = start(*tiny_world(tmp_path / "alone"))  # drawn by one worker from an empty cache: the same reference
+    assert torch.equal(evaluator.base.prior_images, alone.prior_images) and evaluator.base.id_sim == alone.id_sim

@@ -13,8 +13,10 @@ kind, dtype and the torch and diffusers versions.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -70,3 +72,26 @@ class BaseSampleCache:
         # Several workers may sample the same entry: write aside, then rename atomically.
         with replaced_atomically(self.root / f"{key}.safetensors") as tmp:
             save_file({"latents": latents.detach().cpu().contiguous()}, str(tmp))
+
+    @contextlib.contextmanager
+    def drawing(self, key: str, wait: bool) -> Iterator[bool]:
+        """An exclusive lock on one entry while it is read or drawn, so workers that start
+        together on an empty cache draw different entries. Yields True when held; False when
+        `wait` is off and another process holds it (it is drawing that entry: come back later).
+        Without fcntl (Windows): always True, and workers may draw the same entry."""
+        try:
+            import fcntl
+        except ImportError:
+            yield True
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / f"{key}.lock", "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
