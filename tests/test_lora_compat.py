@@ -49,15 +49,19 @@ def test_a_lora_from_another_model_lists_its_mismatches_and_loads_nothing(tiny_l
     assert not getattr(mini.transformer, "_hf_peft_config_loaded", False)  # nothing was loaded
 
 
-def test_the_check_command(tiny_lora):
-    ok = lora_check(str(tiny_lora), "model=tiny")
+def test_the_check_command(tiny_lora, capsys):
+    ok = lora_check(str(tiny_lora), "model=tiny")  # as a user runs it
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "fits tiny" in ok.stdout and "rank 4" in ok.stdout
+    # the refusals through the command's own main, in this process (each command imports ~8 s of libraries)
+    from klein_sweep.lora.check import main
+
     for model in ("mini", "flux2_klein_base_9b"):  # the 9B is checked against its architecture, no weights
-        bad = lora_check(str(tiny_lora), f"model={model}")
-        assert bad.returncode == 2 and f"does not fit model {model}" in bad.stderr and "Traceback" not in bad.stderr
-    missing = lora_check("/nope.safetensors", "model=tiny")
-    assert missing.returncode == 2 and "/nope.safetensors does not exist" in missing.stderr
+        assert main([str(tiny_lora), f"model={model}"]) == 2
+        err = capsys.readouterr().err
+        assert f"does not fit model {model}" in err and "Traceback" not in err
+    assert main(["/nope.safetensors", "model=tiny"]) == 2
+    assert "/nope.safetensors does not exist" in capsys.readouterr().err
 
 
 def test_a_checked_lora_keeps_its_alpha(tmp_path):
