@@ -117,7 +117,18 @@ def test_distilled_mini_draws_in_4_steps_without_cfg_what_the_base_draws_in_12_w
     assert colour >= 0.75, colour
 
 
-def train_and_evaluate(tmp_path, lr: float, steps: int, every: int):
+@pytest.fixture(scope="session")
+def mini_cache(tmp_path_factory):
+    """One encoding and base-sample cache for the mini trials of this test session, shared by
+    its test processes (a worker draws the base samples, the others read them, as a sweep's
+    workers do): each trial would otherwise draw the mini's base samples again (~17 s)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above each test process's own
+    return root / "mini_cache"
+
+
+def train_and_evaluate(tmp_path, cache, lr: float, steps: int, every: int):
     """One mini LoRA trial with checkpoint evaluation, as a sweep runs it: (rows, base)."""
     from klein_sweep.config import build_settings, compose_config
     from klein_sweep.evaluation.collapse import classify
@@ -126,7 +137,7 @@ def train_and_evaluate(tmp_path, lr: float, steps: int, every: int):
     from klein_sweep.training.trial import prepare_model, resolve_plan, run_training
 
     overrides = ["eval=default", f"train.lr={lr}", f"train.steps={steps}", f"train.checkpoint_every={every}",
-                 f"data.cache_dir={tmp_path / 'cache'}", "tracking=none"]
+                 f"data.cache_dir={cache}", "tracking=none"]
     settings = build_settings(compose_config(overrides), output_dir=str(tmp_path / "out"))
     plan = resolve_plan(settings)
     trigger, prior = eval_prompts(settings)
@@ -148,14 +159,14 @@ def train_and_evaluate(tmp_path, lr: float, steps: int, every: int):
     return classify(rows, base.stats(), settings.eval), base.stats()
 
 
-def test_short_lora_at_a_sane_lr_raises_identity_over_the_base(tmp_path):
-    rows, base = train_and_evaluate(tmp_path, lr=1e-3, steps=300, every=300)
+def test_short_lora_at_a_sane_lr_raises_identity_over_the_base(tmp_path, mini_cache):
+    rows, base = train_and_evaluate(tmp_path, mini_cache, lr=1e-3, steps=300, every=300)
     assert rows[-1].state != "collapsed", rows[-1]
     # the base draws random creatures for "a sks creature"; the LoRA draws the teal dotted star
     assert rows[-1].value("id_sim") > base.id_sim + 0.1, (rows[-1].value("id_sim"), base.id_sim)
 
 
-def test_absurd_lr_is_flagged_collapsed(tmp_path):
+def test_absurd_lr_is_flagged_collapsed(tmp_path, mini_cache):
     # measured: collapsed by concept leak at the first checkpoint (leak 0.45 against the base's 0.15)
-    rows, base = train_and_evaluate(tmp_path, lr=1e-2, steps=100, every=100)
+    rows, base = train_and_evaluate(tmp_path, mini_cache, lr=1e-2, steps=100, every=100)
     assert any(r.state == "collapsed" for r in rows), [(r.step, r.reason) for r in rows]
