@@ -150,6 +150,8 @@ def worker_process_context():
     import multiprocessing
     from multiprocessing import forkserver
 
+    if "forkserver" not in multiprocessing.get_all_start_methods():  # Windows: a fresh interpreter each
+        return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["klein_sweep.sweep.preload"])
     forkserver.ensure_running()
