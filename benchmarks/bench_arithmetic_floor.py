@@ -5,7 +5,7 @@ products and attention (the FLOPs the sweep cannot skip), how much is everything
 everything else cost nothing.
 
     python benchmarks/bench_arithmetic_floor.py                     # applied to the committed default sweep
-    python benchmarks/bench_arithmetic_floor.py --report sweeps/lr_vs_steps/report.json --wall 426   # your own run
+    python benchmarks/bench_arithmetic_floor.py --report RUN/sweeps/lr_vs_steps/report.json --wall SECONDS   # your own run
     python benchmarks/bench_arithmetic_floor.py --steps 20          # shorter
 
 Single-threaded, as the sweep's CPU workers run. Arithmetic time is the profiler's self CPU time
@@ -93,8 +93,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps timed per training path")
     parser.add_argument("--report", type=Path, default=REPO / "sweeps" / "lr_vs_steps" / "report.json",
                         help="a finished sweep's report.json (default: the committed default sweep's)")
-    parser.add_argument("--wall", type=float, default=426.0,
-                        help="the sweep's measured wall seconds (default: the committed default sweep's run, 426 s)")
+    parser.add_argument("--wall", type=float, default=382.0,
+                        help="the sweep's measured wall seconds (default: the committed default sweep's run, 382 s)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes the sweep ran (2 on 2 cores)")
     args = parser.parse_args(argv)
 
