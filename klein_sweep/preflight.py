@@ -113,8 +113,7 @@ def check_network_packages(settings: Settings) -> None:
     """The packages of the metric networks the evaluation will use (eval.feature_network,
     eval.identity_network, `auto` decided for the model; CLIP for eval.prompt_fidelity) import.
     They are imported only when the evaluator is built, after the model has loaded."""
-    from klein_sweep.evaluation.network_choice import resolve_networks
-    from klein_sweep.evaluation.network_choice import PACKAGES
+    from klein_sweep.evaluation.network_choice import PACKAGES, resolve_networks
 
     e = settings.eval
     feature, identity = resolve_networks(e, settings.model.kind)

@@ -21,12 +21,16 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from klein_sweep.config import Settings
 from klein_sweep.evaluation import collapse
 from klein_sweep.record import BaseStats, CheckpointRow, Judged
+
+if TYPE_CHECKING:
+    from klein_sweep.evaluation.evaluator import DrawnSamples
 
 # Metrics logged per extra LoRA strength (the full row is kept in the study).
 SCALE_METRICS = ("id_sim", "kid", "prior_kid", "leak")
@@ -107,7 +111,7 @@ class TrialEvaluation:
     def __init__(self, policy: EvaluationPolicy):
         self.policy = policy
         self.snapshots: dict[int, dict] = {}  # step -> LoRA values (screening only)
-        self.screened: dict[int, object] = {}  # step -> its screening's DrawnSamples, reused by its full evaluation
+        self.screened: dict[int, DrawnSamples] = {}  # step -> its screening's samples, reused by its full evaluation
         self.seconds = 0.0
 
     def base_grids(self) -> dict:

@@ -23,6 +23,7 @@ from klein_sweep.errors import ConfigError
 from klein_sweep.evaluation.feature_network import FeatureNetwork
 from klein_sweep.evaluation.network_choice import DOWNLOADS, network_path
 
+
 def _normalise(images: torch.Tensor, size: int, mean, std) -> torch.Tensor:
     """(N, 3, H, W) in [0, 1] -> resized to size x size and standardised."""
     # antialias: a 512 px sample shrunk to 224 without it aliases (what the networks' own processors avoid)
