@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from klein_sweep import interrupts
 from klein_sweep.config import Settings, build_settings, register_resolvers
 from klein_sweep.errors import KleinSweepError
+from klein_sweep.quick_exit import skip_collection_at_exit
 from klein_sweep.redaction import redact, redacted_output
 
 log = logging.getLogger("klein_sweep")
@@ -67,6 +68,7 @@ def main() -> None:
     """The command (`python -m klein_sweep`, `klein-sweep`): Hydra's app, with everything it
     prints - our lines, library messages, Hydra's own errors, which echo the overrides - passed
     through `redact`, so a password given on the command line never reaches the terminal."""
+    skip_collection_at_exit()
     with redacted_output():
         try:
             app()

@@ -17,7 +17,9 @@ from klein_sweep.report.writer import write_report
 
 def main(argv: list[str] | None = None) -> int:
     from klein_sweep.errors import KleinSweepError
+    from klein_sweep.quick_exit import skip_collection_at_exit
 
+    skip_collection_at_exit()
     parser = argparse.ArgumentParser(prog="python -m klein_sweep.report", description="Rebuild a sweep's report from its study storage.")
     parser.add_argument("sweep", help="sweep name (reads sweeps/NAME/) or a folder holding study.db")
     parser.add_argument("--storage", help="Optuna storage URL, if not the folder's study.db")
