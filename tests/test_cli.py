@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import repo_pythonpath, run_cli
 
 
 def test_one_trial_end_to_end(tmp_path):
@@ -80,11 +82,6 @@ runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
 def test_the_commands_leave_their_objects_to_the_os_at_exit(tmp_path, command):
     """Both entry points freeze the interpreter's objects before its final collections (~1.5 s
     of CPU once torch and the trial code are imported, klein_sweep/quick_exit.py)."""
-    import subprocess
-    import sys
-
-    from conftest import repo_pythonpath
-
     env = {**os.environ, "PYTHONPATH": repo_pythonpath()}
     proc = subprocess.run([sys.executable, "-c", FREEZE_PROBE, *command], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=120)

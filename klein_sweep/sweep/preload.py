@@ -9,6 +9,8 @@ would inherit it in a broken state, one that has only imported torch does not.
 
 from __future__ import annotations
 
+import gc
+
 import accelerate  # noqa: F401 - imported for the workers
 import mlflow.tracking  # noqa: F401
 import optuna  # noqa: F401
@@ -23,8 +25,6 @@ from transformers import Qwen2TokenizerFast, Qwen3ForCausalLM  # noqa: F401
 
 import klein_sweep.sweep.worker  # noqa: F401 - the worker's own code, and what it imports at the top
 import klein_sweep.training.trial  # noqa: F401
-
-import gc  # noqa: E402
 
 # What the imports built lives as long as the process: frozen (moved to the permanent
 # generation), the workers forked from here never pass over it in a collection, and neither does
