@@ -145,3 +145,41 @@ def test_the_full_evaluation_of_a_screened_checkpoint_samples_only_the_seeds_the
     assert reused.keys() == fresh.keys()
     for key in fresh:  # batches of other sizes: floating-point noise at most
         assert reused[key] == pytest.approx(fresh[key], rel=1e-4, abs=1e-5), key
+
+
+def test_the_screening_base_is_taken_from_the_full_base_samples_not_drawn_again(tmp_path, monkeypatch):
+    """Screening with seeds 0 and 1 at the full recipe's steps: building the policy draws the
+    full recipe's base samples only, and the screening's base statistics equal those of a
+    screening base drawn from scratch."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    import klein_sweep.evaluation.evaluator as evaluator_module
+    from klein_sweep.data.folder import load_examples
+    from klein_sweep.evaluation.evaluator import CheckpointEvaluator
+    from klein_sweep.evaluation.policies import EvaluationPolicy
+    from sweep_helpers import tiny_world
+
+    settings, pipe, data = tiny_world(tmp_path, "eval.seeds=[0,1,2,3]", "eval.screening_seeds=[0,1]")
+    drawn = []
+    generate = evaluator_module.generate
+
+    def counting(pipe, embeds, negative, seeds, recipe, **kwargs):
+        drawn.extend(seeds)
+        return generate(pipe, embeds, negative, seeds, recipe, **kwargs)
+
+    monkeypatch.setattr(evaluator_module, "generate", counting)
+    examples = load_examples(settings.data)
+    policy = EvaluationPolicy(settings, SimpleNamespace(pipe=pipe, data=data), examples)
+    trigger, prior = len(settings.eval.trigger_prompts), len(settings.eval.prior_prompts)
+    full_base = [0, 1, 2, 3] * (trigger + prior) + [1000, 1001, 1002, 1003] * prior
+    assert sorted(drawn) == sorted(full_base)  # nothing more for the screening's base
+    drawn.clear()
+    screening = dataclasses.replace(settings, eval=dataclasses.replace(settings.eval, seeds=[0, 1]))
+    fresh = CheckpointEvaluator(screening, pipe, data, examples)
+    fresh.compute_base()
+    assert sorted(drawn) == sorted([0, 1] * (trigger + prior) + [1000, 1001] * prior)  # drawn from scratch this time
+    taken, scratch = dataclasses.asdict(policy.base), dataclasses.asdict(fresh.base.stats())
+    assert taken.keys() == scratch.keys()
+    for key in scratch:  # batches of other sizes: floating-point noise at most
+        assert taken[key] == pytest.approx(scratch[key], rel=1e-4, abs=1e-5), key

@@ -107,6 +107,7 @@ class CheckpointEvaluator:
         self.n_seeds = len(seeds)
         self.seeds = seeds
         self.base: BaseReference | None = None
+        self.base_samples: tuple[torch.Tensor, ...] | None = None  # (trigger, prior, prior at seeds + 1000)
         self.drawn: DrawnSamples | None = None  # the last evaluation's samples
         # Features of the sets every checkpoint is measured against, computed once (compute_base)
         self._reference_embedded: torch.Tensor | None = None
@@ -153,14 +154,18 @@ class CheckpointEvaluator:
                 images[k] = known.images[name][(k // self.n_seeds) * len(known.seeds) + have[seed]]
         return images
 
-    def compute_base(self) -> BaseReference:
+    def compute_base(self, drawn_by: "CheckpointEvaluator | None" = None) -> BaseReference:
         """Sample the base model (or read its samples from the disk cache of earlier runs). Call
-        before a LoRA is injected."""
+        before a LoRA is injected. `drawn_by`: an evaluator whose base samples hold all of this
+        one's (same prompts and recipe, a superset of the seeds: the full recipe's, for the
+        screening's base): they are taken from it, not drawn again."""
         cache = BaseSampleCache.for_settings(self.settings)
         # The same prompts with other seeds: how far KID moves when nothing but the noise changes.
         other_seeds = PromptSet(self.prior.embeds, [s + 1000 for s in self.prior.seeds])
+        taken = self._base_samples_of(drawn_by) if drawn_by is not None else None
         with self.placement.stage(self.sample_stage):
-            trig, prior, other = self._sample_base([self.trigger, self.prior, other_seeds], cache)
+            trig, prior, other = taken or self._sample_base([self.trigger, self.prior, other_seeds], cache)
+        self.base_samples = (trig, prior, other)
         e = self.settings.eval
         sanity = M.image_sanity(torch.cat([trig, prior]), e.flat_std, e.noise_level)
         clean_trig, clean_prior = torch.nan_to_num(trig), torch.nan_to_num(prior)
@@ -182,6 +187,21 @@ class CheckpointEvaluator:
                                   prior_kid_noise=abs(noise_mean) + 3 * noise_std, kid=kid,
                                   prior_reference_kid=prior_reference_kid, **identity)
         return self.base
+
+    def _base_samples_of(self, other: "CheckpointEvaluator") -> tuple[torch.Tensor, ...] | None:
+        """This evaluator's base samples (trigger, prior, prior at seeds + 1000) picked out of
+        `other`'s, or None where `other` did not draw them all."""
+        if (other.base_samples is None or other.recipe != self.recipe or other.grid_rows != self.grid_rows
+                or not set(self.seeds) <= set(other.seeds)):
+            return None
+        column = {seed: j for j, seed in enumerate(other.seeds)}
+
+        def rows(n_prompts: int) -> list[int]:  # prompt-major over this evaluator's seeds
+            return [p * other.n_seeds + column[seed] for p in range(n_prompts) for seed in self.seeds]
+
+        trig, prior, noise = other.base_samples
+        n_trigger, n_prior = len(self.grid_rows["trigger"]), len(self.grid_rows["prior"])
+        return trig[rows(n_trigger)], prior[rows(n_prior)], noise[rows(n_prior)]
 
     def _reference_features(self) -> torch.Tensor:
         """The training images' features, embedded once: every checkpoint compares against them.

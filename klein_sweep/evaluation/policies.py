@@ -78,7 +78,9 @@ class EvaluationPolicy:
                 e, seeds=list(e.screening_seeds), sample_steps=e.screening_sample_steps or e.sample_steps))
             self.full = self.evaluator
             self.evaluator = CheckpointEvaluator(screening, prepared.pipe, prepared.data, examples, placement)
-            self.evaluator.compute_base()
+            # The economy recipe screens with the full recipe's first seed at its steps: the full
+            # base samples hold the screening's, which are taken rather than drawn again.
+            self.evaluator.compute_base(drawn_by=self.full)
         self.distilled = None
         if e.also_distilled:
             from klein_sweep.evaluation.distilled import DistilledEvaluator
