@@ -110,20 +110,10 @@ def test_screened_sweep_evaluates_the_deciding_checkpoints_in_full(tmp_path, mon
     assert cells[3] != cells[4]
 
 
-def test_the_full_evaluation_of_a_screened_checkpoint_samples_only_the_seeds_the_screening_did_not(tmp_path, monkeypatch):
-    """The screening drew seeds 0 and 1 at the full recipe's steps: the full evaluation of the
-    same checkpoint samples seeds 2 and 3 only, and measures what a full evaluation from scratch
-    does."""
-    from types import SimpleNamespace
-
+def seeds_drawn(monkeypatch) -> list[int]:
+    """The seeds of every sample the evaluators draw from now on, appended as they are drawn."""
     import klein_sweep.evaluation.evaluator as evaluator_module
-    from klein_sweep.data.folder import load_examples
-    from klein_sweep.evaluation.policies import EvaluationPolicy
-    from sweep_helpers import tiny_world
 
-    settings, pipe, data = tiny_world(tmp_path, "eval.seeds=[0,1,2,3]", "eval.screening_seeds=[0,1]")
-    policy = EvaluationPolicy(settings, SimpleNamespace(pipe=pipe, data=data), load_examples(settings.data))
-    trained_like(pipe, rank=4, alpha=4.0)  # a LoRA that moves the samples
     drawn = []
     generate = evaluator_module.generate
 
@@ -132,6 +122,23 @@ def test_the_full_evaluation_of_a_screened_checkpoint_samples_only_the_seeds_the
         return generate(pipe, embeds, negative, seeds, recipe, **kwargs)
 
     monkeypatch.setattr(evaluator_module, "generate", counting)
+    return drawn
+
+
+def test_the_full_evaluation_of_a_screened_checkpoint_samples_only_the_seeds_the_screening_did_not(tmp_path, monkeypatch):
+    """The screening drew seeds 0 and 1 at the full recipe's steps: the full evaluation of the
+    same checkpoint samples seeds 2 and 3 only, and measures what a full evaluation from scratch
+    does."""
+    from types import SimpleNamespace
+
+    from klein_sweep.data.folder import load_examples
+    from klein_sweep.evaluation.policies import EvaluationPolicy
+    from sweep_helpers import tiny_world
+
+    settings, pipe, data = tiny_world(tmp_path, "eval.seeds=[0,1,2,3]", "eval.screening_seeds=[0,1]")
+    policy = EvaluationPolicy(settings, SimpleNamespace(pipe=pipe, data=data), load_examples(settings.data))
+    trained_like(pipe, rank=4, alpha=4.0)  # a LoRA that moves the samples
+    drawn = seeds_drawn(monkeypatch)
     trial = policy.start_trial()
     trial.evaluate(2, pipe.transformer)
     prompts = len(settings.eval.trigger_prompts) + len(settings.eval.prior_prompts)
@@ -154,21 +161,13 @@ def test_the_screening_base_is_taken_from_the_full_base_samples_not_drawn_again(
     import dataclasses
     from types import SimpleNamespace
 
-    import klein_sweep.evaluation.evaluator as evaluator_module
     from klein_sweep.data.folder import load_examples
     from klein_sweep.evaluation.evaluator import CheckpointEvaluator
     from klein_sweep.evaluation.policies import EvaluationPolicy
     from sweep_helpers import tiny_world
 
     settings, pipe, data = tiny_world(tmp_path, "eval.seeds=[0,1,2,3]", "eval.screening_seeds=[0,1]")
-    drawn = []
-    generate = evaluator_module.generate
-
-    def counting(pipe, embeds, negative, seeds, recipe, **kwargs):
-        drawn.extend(seeds)
-        return generate(pipe, embeds, negative, seeds, recipe, **kwargs)
-
-    monkeypatch.setattr(evaluator_module, "generate", counting)
+    drawn = seeds_drawn(monkeypatch)
     examples = load_examples(settings.data)
     policy = EvaluationPolicy(settings, SimpleNamespace(pipe=pipe, data=data), examples)
     trigger, prior = len(settings.eval.trigger_prompts), len(settings.eval.prior_prompts)

@@ -162,10 +162,11 @@ class CheckpointEvaluator:
         cache = BaseSampleCache.for_settings(self.settings)
         # The same prompts with other seeds: how far KID moves when nothing but the noise changes.
         other_seeds = PromptSet(self.prior.embeds, [s + 1000 for s in self.prior.seeds])
-        taken = self._base_samples_of(drawn_by) if drawn_by is not None else None
-        with self.placement.stage(self.sample_stage):
-            trig, prior, other = taken or self._sample_base([self.trigger, self.prior, other_seeds], cache)
-        self.base_samples = (trig, prior, other)
+        samples = self._base_samples_of(drawn_by) if drawn_by is not None else None
+        if samples is None:
+            with self.placement.stage(self.sample_stage):
+                samples = tuple(self._sample_base([self.trigger, self.prior, other_seeds], cache))
+        trig, prior, other = self.base_samples = samples
         e = self.settings.eval
         sanity = M.image_sanity(torch.cat([trig, prior]), e.flat_std, e.noise_level)
         clean_trig, clean_prior = torch.nan_to_num(trig), torch.nan_to_num(prior)
