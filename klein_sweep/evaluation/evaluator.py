@@ -36,6 +36,12 @@ def sample_recipe(settings: Settings) -> SampleRecipe:
     )
 
 
+def rows_in(seeds: list[int], pairs: list[tuple[int, int]]) -> list[int]:
+    """Rows of (prompt index, seed) pairs in samples laid out prompt-major over `seeds`."""
+    column = {seed: j for j, seed in enumerate(seeds)}
+    return [p * len(seeds) + column[seed] for p, seed in pairs]
+
+
 @dataclass
 class PromptSet:
     embeds: torch.Tensor  # (N, L, D): each prompt repeated once per seed
@@ -60,6 +66,7 @@ class BaseReference:
 
     trigger_images: torch.Tensor
     prior_images: torch.Tensor
+    noise_images: torch.Tensor  # the prior prompts at seeds + 1000: the KID noise floor's other draw
     id_sim: float
     leak: float
     degenerate: float  # fraction of base samples that are flat, noise or non-finite
@@ -107,7 +114,6 @@ class CheckpointEvaluator:
         self.n_seeds = len(seeds)
         self.seeds = seeds
         self.base: BaseReference | None = None
-        self.base_samples: tuple[torch.Tensor, ...] | None = None  # (trigger, prior, prior at seeds + 1000)
         self.drawn: DrawnSamples | None = None  # the last evaluation's samples
         # Features of the sets every checkpoint is measured against, computed once (compute_base)
         self._reference_embedded: torch.Tensor | None = None
@@ -144,14 +150,12 @@ class CheckpointEvaluator:
         from it, only the others sampled. (P x S, 3, R, R), prompt-major over self.seeds."""
         if known is None or known.recipe != self.recipe or not set(known.seeds) < set(self.seeds):
             return self._sample(prompt_set)
-        have = {seed: j for j, seed in enumerate(known.seeds)}
-        missing = [k for k, seed in enumerate(prompt_set.seeds) if seed not in have]
+        missing = [k for k, seed in enumerate(prompt_set.seeds) if seed not in known.seeds]
         drawn = self._sample(PromptSet(prompt_set.embeds[missing], [prompt_set.seeds[k] for k in missing]))
         images = torch.empty((len(prompt_set.seeds), *drawn.shape[1:]), dtype=drawn.dtype)
         images[missing] = drawn
-        for k, seed in enumerate(prompt_set.seeds):
-            if seed in have:  # prompt k // S at that seed, where `known` holds it
-                images[k] = known.images[name][(k // self.n_seeds) * len(known.seeds) + have[seed]]
+        held = [k for k, seed in enumerate(prompt_set.seeds) if seed in known.seeds]
+        images[held] = known.images[name][rows_in(known.seeds, [(k // self.n_seeds, prompt_set.seeds[k]) for k in held])]
         return images
 
     def compute_base(self, drawn_by: "CheckpointEvaluator | None" = None) -> BaseReference:
@@ -165,8 +169,8 @@ class CheckpointEvaluator:
         samples = self._base_samples_of(drawn_by) if drawn_by is not None else None
         if samples is None:
             with self.placement.stage(self.sample_stage):
-                samples = tuple(self._sample_base([self.trigger, self.prior, other_seeds], cache))
-        trig, prior, other = self.base_samples = samples
+                samples = self._sample_base([self.trigger, self.prior, other_seeds], cache)
+        trig, prior, other = samples
         e = self.settings.eval
         sanity = M.image_sanity(torch.cat([trig, prior]), e.flat_std, e.noise_level)
         clean_trig, clean_prior = torch.nan_to_num(trig), torch.nan_to_num(prior)
@@ -184,25 +188,21 @@ class CheckpointEvaluator:
                 reference_sample_sim=M.mean_pairwise_similarity(self.id_net, self.reference),
             )
         self._base_prior_features = base_prior
-        self.base = BaseReference(trigger_images=trig, prior_images=prior, degenerate=sum(sanity.values()),
+        self.base = BaseReference(trigger_images=trig, prior_images=prior, noise_images=other, degenerate=sum(sanity.values()),
                                   prior_kid_noise=abs(noise_mean) + 3 * noise_std, kid=kid,
                                   prior_reference_kid=prior_reference_kid, **identity)
         return self.base
 
-    def _base_samples_of(self, other: "CheckpointEvaluator") -> tuple[torch.Tensor, ...] | None:
-        """This evaluator's base samples (trigger, prior, prior at seeds + 1000) picked out of
-        `other`'s, or None where `other` did not draw them all."""
-        if (other.base_samples is None or other.recipe != self.recipe or other.grid_rows != self.grid_rows
+    def _base_samples_of(self, other: "CheckpointEvaluator") -> list[torch.Tensor] | None:
+        """This evaluator's base samples (trigger, prior, noise floor) picked out of `other`'s
+        base, or None where `other` has not drawn them all (another recipe, prompts or seeds)."""
+        if (other.base is None or other.recipe != self.recipe or other.grid_rows != self.grid_rows
                 or not set(self.seeds) <= set(other.seeds)):
             return None
-        column = {seed: j for j, seed in enumerate(other.seeds)}
-
-        def rows(n_prompts: int) -> list[int]:  # prompt-major over this evaluator's seeds
-            return [p * other.n_seeds + column[seed] for p in range(n_prompts) for seed in self.seeds]
-
-        trig, prior, noise = other.base_samples
-        n_trigger, n_prior = len(self.grid_rows["trigger"]), len(self.grid_rows["prior"])
-        return trig[rows(n_trigger)], prior[rows(n_prior)], noise[rows(n_prior)]
+        trigger, prior = ([(p, seed) for p in range(len(self.grid_rows[name])) for seed in self.seeds] for name in ("trigger", "prior"))
+        base = other.base
+        return [base.trigger_images[rows_in(other.seeds, trigger)], base.prior_images[rows_in(other.seeds, prior)],
+                base.noise_images[rows_in(other.seeds, prior)]]
 
     def _reference_features(self) -> torch.Tensor:
         """The training images' features, embedded once: every checkpoint compares against them.

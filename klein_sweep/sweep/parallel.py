@@ -25,7 +25,7 @@ from klein_sweep.interrupts import raise_if_requested
 from klein_sweep.record import StudyAttr
 from klein_sweep.sweep.plan import SweepPlan
 from klein_sweep.sweep.parent_run import open_parent_run
-from klein_sweep.sweep.worker import SweepSummary, close_parent_run, finish_sweep, open_checked_study, prepare_queue, run_sweep
+from klein_sweep.sweep.worker import SweepSummary, close_parent_run, finish_sweep, prepare_queue, run_sweep
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +89,8 @@ def run_on_this_machine(plan: SweepPlan) -> SweepSummary:
 def run_parallel(plan: SweepPlan, workers: int) -> SweepSummary:
     from tqdm.auto import tqdm
 
-    study = open_checked_study(plan)  # a refusal comes before any process starts
-    # The workers' fork server next: its imports (~8 s of one core) run while this process
-    # queues the grid and opens the parent run on the other core.
-    context = worker_process_context()
-    study = prepare_queue(plan, study)
+    study = prepare_queue(plan)
+    context = worker_process_context()  # its imports run while the parent run opens
     new_run = plan.tracking.backend != "none" and not study.user_attrs.get(StudyAttr.PARENT_RUN)
     # The cost prediction counts FLOPs on the model's classes: the first worker, which has them
     # imported, logs it; this process would spend ~6 s of CPU importing them for that alone.

@@ -172,11 +172,14 @@ def prepare_study(plan: SweepPlan):
     return study, open_parent_run(study, plan)
 
 
-def prepare_queue(plan: SweepPlan, study=None):
-    """prepare_study without the MLflow parent run: the study checked, queued and its plan
-    recorded. `study`: one open_checked_study returned."""
-    study = open_checked_study(plan) if study is None else study
+def prepare_queue(plan: SweepPlan):
+    """prepare_study without the MLflow parent run: the study checked, queued and its plan recorded."""
+    study = open_study(plan)
+    check_tracking_store(study, plan)  # before anything is queued into the study or tracked
     meta = study_meta(plan)
+    prepared = StudyMeta.from_json(study.user_attrs.get(StudyAttr.META), where=f"study {plan.study_name}")
+    if prepared:  # before anything is queued: a study with other cells must stay untouched
+        check_same_plan(plan, prepared, meta)
     recovered = recover_interrupted(study)
     if recovered:
         log.info("trials %s were interrupted; their cells run again", recovered)
@@ -184,17 +187,6 @@ def prepare_queue(plan: SweepPlan, study=None):
         queued = sync_grid_queue(study, plan.cells, retry_failed=plan.sweep.retry_failed)
         log.info("grid: %d cells, %d queued now", len(plan.cells), queued)
     study.set_user_attr(StudyAttr.META, meta.to_json())
-    return study
-
-
-def open_checked_study(plan: SweepPlan):
-    """The study, created or reopened, once it is known to take this plan: its tracking store
-    and its plan are this command's (refused here before anything is queued or tracked)."""
-    study = open_study(plan)
-    check_tracking_store(study, plan)
-    prepared = StudyMeta.from_json(study.user_attrs.get(StudyAttr.META), where=f"study {plan.study_name}")
-    if prepared:  # a study with other cells must stay untouched
-        check_same_plan(plan, prepared, study_meta(plan))
     return study
 
 
