@@ -4,7 +4,8 @@ ignored in ..."), and the sweep would go on as if nothing was pressed. The handl
 remembers the request, and the sweep checks it between trials.
 
   install()            in the entry point
-  raise_if_requested() at a safe point (between trials)
+  raise_if_requested() at a safe point (between trials, after each training step)
+  forget()             a process that goes on after an interrupt it handled (a test)
 """
 
 from __future__ import annotations
@@ -47,3 +48,7 @@ def install(raise_once: bool = False) -> None:
 def raise_if_requested() -> None:
     if _requested.is_set():
         raise KeyboardInterrupt
+
+
+def forget() -> None:
+    _requested.clear()

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import signal
+import sys
+
 import pytest
 import torch
+
+from klein_sweep import interrupts
 
 from klein_sweep.config import DataConfig, TrainConfig
 from klein_sweep.data.folder import load_examples
@@ -95,6 +100,34 @@ def test_checkpoints_and_stop_callback(tiny_data):
     assert [s for s, k, _ in tracker.metrics if k == "train/loss"] == [1, 2, 3, 4]
     assert checkpoint_schedule(10, 4, extra=[5, 50]) == [4, 5, 8, 10]
     assert checkpoint_schedule(10, 0) == [10]
+
+
+def test_a_ctrl_c_swallowed_in_a_finalizer_stops_the_training_after_that_step(tiny_data):
+    """Python prints and drops a KeyboardInterrupt raised inside a __del__ or weakref callback; a
+    sweep worker then has seconds to mark its trials before it is killed, not the rest of the
+    training."""
+
+    class Finalized:
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)  # the handler raises here, inside the finalizer
+
+    def on_checkpoint(event, model):
+        Finalized()  # collected at once
+        return False
+
+    pipe, data, cfg, params = setup(tiny_data)
+    tracker = NullTracker()
+    handler, hook = signal.getsignal(signal.SIGINT), sys.unraisablehook
+    interrupts.install()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_lora(pipe.transformer, params, data, cfg, steps=10, device="cpu", checkpoints=[2],
+                       on_checkpoint=on_checkpoint, tracker=tracker, progress=False)
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        sys.unraisablehook = hook
+        interrupts.forget()
+    assert [s for s, k, _ in tracker.metrics if k == "train/loss"] == [1, 2]
 
 
 def test_nonfinite_loss_ends_the_trial_with_a_reason(tiny_data):

@@ -19,6 +19,7 @@ import torch
 
 from klein_sweep.config import TrainConfig
 from klein_sweep.data.encoding import EncodedData
+from klein_sweep.interrupts import raise_if_requested
 from klein_sweep.tracking import NullTracker, Tracker
 from klein_sweep.training.batches import Batch, BatchSampler, flow_matching_loss, flow_matching_prediction  # noqa: F401 - the step's parts, here by name
 from klein_sweep.training.lanes import LaneAdapters, lane_losses, lane_train_state, resume_lanes
@@ -132,6 +133,9 @@ def train_lanes(
                 run.checkpoint(step, lr_scheduler.get_last_lr(), adapters, transformer, accelerator, on_checkpoint)
             if not run.active:
                 break
+            # A Ctrl-C that a library swallowed (printed in a __del__ or weakref callback) stops
+            # the training here, not after its last step: a worker has seconds before it is killed.
+            raise_if_requested()
         sampler_state = batches.state()
         for lane in run.active:
             if lanes[lane].save_state_to is not None:
