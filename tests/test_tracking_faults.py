@@ -32,7 +32,8 @@ def test_tracking_server_dying_mid_sweep_interrupts_the_trial_and_a_restart_fini
     backend = f"sqlite:///{tmp_path / 'mlflow_server.db'}"
     server = MlflowServer(backend, tmp_path / "artifacts").start()
     args = sweep_args("lr_vs_steps", tmp_path, "sweep.params.train.lr.values=[1e-4,2e-4,4e-4]",
-                      "sweep.params.train.steps.values=[60,120]", f"tracking.uri={server.url}")
+                      "sweep.params.train.steps.values=[60,120]", f"tracking.uri={server.url}",
+                      "sweep.workers=1", "sweep.lanes=1")  # one trial at a time: one finished while the next runs
     # Fail fast in the test; users keep MLflow's default retries (minutes) for short outages.
     env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
     worker = run_worker(args, cwd=tmp_path, env=env)
