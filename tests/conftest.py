@@ -82,9 +82,26 @@ def repo_pythonpath() -> str:
     return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
 
 
+def command_server(env: dict):
+    """The server that forks the commands of this test process (tests/zygote.py), or None where
+    the command needs a fresh interpreter: another PYTHONPATH, or KLEIN_SWEEP_TEST_FRESH=1 (every
+    command a new `python`, as before the server: slower, for comparison)."""
+    from zygote import ZygoteServer
+
+    if os.environ.get("KLEIN_SWEEP_TEST_FRESH") == "1" or env.get("PYTHONPATH", "") != repo_pythonpath():
+        return None
+    return ZygoteServer.shared(repo_pythonpath())
+
+
+def run_module(module: str, *args: str, cwd: Path, timeout: int | None = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m MODULE ARGS` in `cwd`: a process of its own, forked from the command server."""
+    env = {**os.environ, "PYTHONPATH": repo_pythonpath(), **(env or {})}
+    server = command_server(env)
+    if server is not None:
+        return server.run(module, list(args), cwd=cwd, env=env, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def run_cli(*args: str, cwd: Path, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m klein_sweep ARGS` in `cwd`, as a user runs it."""
-    env = {**os.environ, "PYTHONPATH": repo_pythonpath(), "HYDRA_FULL_ERROR": "0", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "klein_sweep", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    return run_module("klein_sweep", *args, cwd=cwd, timeout=timeout, env={"HYDRA_FULL_ERROR": "0", **(env or {})})

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import repo_pythonpath
+from conftest import command_server, repo_pythonpath
 
 # Each committed sweep shrunk to two short trials on the tiny model.
 DEBUG_SIZE = {
@@ -34,10 +34,15 @@ def sweep_args(name: str, tmp: Path, *extra: str) -> list[str]:
     return [f"+sweep={name}", *COMMON, *DEBUG_SIZE[name], f"data.cache_dir={tmp / 'cache'}", *extra]
 
 
-def run_worker(args: list[str], cwd: Path, env: dict | None = None, **popen) -> subprocess.Popen:
+def run_worker(args: list[str], cwd: Path, env: dict | None = None):
+    """`python -m klein_sweep ARGS` started, not waited for: Popen's interface (poll, communicate,
+    send_signal), forked from the command server (conftest.command_server) where it can be."""
     env = {**os.environ, "PYTHONPATH": repo_pythonpath(), **(env or {})}
+    server = command_server(env)
+    if server is not None:
+        return server.popen("klein_sweep", args, cwd=cwd, env=env)
     return subprocess.Popen([sys.executable, "-m", "klein_sweep", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def load_study(folder: Path):

@@ -13,7 +13,7 @@ import time
 import pytest
 import yaml
 
-from conftest import REPO, repo_pythonpath, run_cli
+from conftest import REPO, repo_pythonpath, run_cli, run_module
 from sweep_helpers import DEBUG_SIZE, completed_cells, compose_plan, load_study, run_worker, sweep_args
 
 
@@ -171,15 +171,12 @@ def test_report_rebuilds_from_storage_alone(tmp_path):
     import shutil
 
     shutil.rmtree(tmp_path / "mlruns", ignore_errors=True)
-    import subprocess
-    import sys
 
-    out = subprocess.run([sys.executable, "-m", "klein_sweep.report", "reproduce_2500_2e-4"], cwd=tmp_path,
-                         capture_output=True, text=True)
+    out = run_module("klein_sweep.report", "reproduce_2500_2e-4", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert (folder / "report.md").read_text() == before
     assert (folder / "heatmaps.png").exists()
-    missing = subprocess.run([sys.executable, "-m", "klein_sweep.report", "nope"], cwd=tmp_path, capture_output=True, text=True)
+    missing = run_module("klein_sweep.report", "nope", cwd=tmp_path)
     assert missing.returncode == 2 and "no study in sweeps/nope" in missing.stderr
 
 
