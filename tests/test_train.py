@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import sys
 
@@ -128,6 +129,20 @@ def test_a_ctrl_c_swallowed_in_a_finalizer_stops_the_training_after_that_step(ti
         sys.unraisablehook = hook
         interrupts.forget()
     assert [s for s, k, _ in tracker.metrics if k == "train/loss"] == [1, 2]
+
+
+def test_a_second_training_in_one_process_may_use_another_precision(tiny_data):
+    """A notebook trains in fp32, then in bf16: accelerate's per-process state must not ask for
+    a restart."""
+    pipe, data, cfg, params = setup(tiny_data)
+    first = train_lora(pipe.transformer, params, data, cfg, steps=2, device="cpu", progress=False)
+    bf16 = train_lora(pipe.transformer, params, data, dataclasses.replace(cfg, mixed_precision="bf16"), steps=2, device="cpu",
+                      progress=False)
+    again = train_lora(pipe.transformer, params, data, cfg, steps=2, device="cpu", progress=False)
+    assert [r.status for r in (first, bf16, again)] == ["finished"] * 3
+    from accelerate.state import AcceleratorState
+
+    assert AcceleratorState().mixed_precision == "no"  # the last training's
 
 
 def test_nonfinite_loss_ends_the_trial_with_a_reason(tiny_data):

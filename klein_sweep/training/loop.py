@@ -93,7 +93,6 @@ def train_lanes(
     """Train the lanes' LoRAs (everything in `cfg` but the lr shared) up to optimizer step
     `steps`, from 0 or from their saved states. Returns one TrainResult per lane; a lane that
     diverges or that its callback stops leaves the batch, the others go on."""
-    from accelerate import Accelerator
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
@@ -104,7 +103,7 @@ def train_lanes(
     checkpoint_steps = set(checkpoints) or {steps}
     # Accumulation is written out below, so accelerate is not told about it (it would divide the
     # loss a second time and skip optimizer calls behind our back).
-    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg, device), cpu=device == "cpu")
+    accelerator = _accelerator(_mixed_precision(cfg, device), cpu=device == "cpu")
     optimizer = _build_optimizer([{"params": adapters.params[i], "lr": lane.lr} for i, lane in enumerate(lanes)], cfg)
     lr_scheduler = get_scheduler(cfg.lr_schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=steps)
     batches = BatchSampler(data, cfg, device, caption_dropout)
@@ -233,6 +232,21 @@ def train_lora(
     return train_lanes(transformer, adapters, [LaneSpec(cfg.lr, tracker, resume_from, save_state_to)], data, cfg, steps=steps,
                        device=device, checkpoints=checkpoints, on_checkpoint=callback, caption_dropout=caption_dropout,
                        progress=progress)[0]
+
+
+def _accelerator(mixed_precision: str, cpu: bool):
+    """accelerate keeps one state per process and refuses a later Accelerator with another
+    precision or device ("restart your runtime completely"): in a notebook, a bf16 training after
+    an fp32 one would need a restart. The state is set up afresh when either changes."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    state = AcceleratorState._shared_state
+    if state and state != PartialState._shared_state:  # an earlier training's
+        device = state.get("device")
+        if state.get("_mixed_precision") != mixed_precision or (device is not None and (device.type == "cpu") != cpu):
+            AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
 
 
 def _mixed_precision(cfg: TrainConfig, device: str) -> str:
