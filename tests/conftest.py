@@ -102,6 +102,15 @@ def run_module(module: str, *args: str, cwd: Path, timeout: int | None = 300, en
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def run_script(path: Path, *args: str, cwd: Path, timeout: int | None = 600) -> subprocess.CompletedProcess:
+    """`python PATH ARGS` in `cwd` (a benchmark): a process of its own, forked from the command server."""
+    env = {**os.environ, "PYTHONPATH": repo_pythonpath()}
+    server = command_server(env)
+    if server is not None:
+        return server.run(Path(path), list(args), cwd=cwd, env=env, timeout=timeout)
+    return subprocess.run([sys.executable, str(path), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def run_cli(*args: str, cwd: Path, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m klein_sweep ARGS` in `cwd`, as a user runs it."""
     return run_module("klein_sweep", *args, cwd=cwd, timeout=timeout, env={"HYDRA_FULL_ERROR": "0", **(env or {})})

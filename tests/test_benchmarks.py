@@ -4,17 +4,15 @@ training, merged sampling and the arithmetic floor (mini model)."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_script
 
 
 def bench(*args):
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_train_step.py"), *args],
-                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    proc = run_script(REPO / "benchmarks" / "bench_train_step.py", *args, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -80,8 +78,7 @@ def test_flop_count_of_the_real_architecture():
 
 
 def run_benchmark(name, *args):
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / name), *args],
-                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    proc = run_script(REPO / "benchmarks" / name, *args, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 

@@ -13,8 +13,10 @@ entry points (tests/test_wheel.py), which start theirs themselves.
 
     server = ZygoteServer.shared(pythonpath)   the test process's server
     server.serves(env)                         can a command with this environment be forked from it?
-    server.popen(module, args, cwd, env)       -> ForkedProcess (poll, wait, communicate, send_signal, kill)
-    server.run(module, args, cwd, env, timeout) -> subprocess.CompletedProcess
+    server.popen(target, args, cwd, env)       -> ForkedProcess (poll, wait, communicate, send_signal, kill)
+    server.run(target, args, cwd, env, timeout) -> subprocess.CompletedProcess
+
+`target`: a module name (`python -m klein_sweep`) or a script's Path (`python benchmarks/x.py`).
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
 PRELOAD = (
     "klein_sweep.sweep.preload",  # torch, diffusers, transformers, peft, accelerate, MLflow, Optuna, torchmetrics
     "klein_sweep.config", "klein_sweep.preflight", "klein_sweep.sweep.parallel", "klein_sweep.report",
@@ -155,13 +156,15 @@ class ZygoteServer:
                 self.process.wait()
         shutil.rmtree(self.folder, ignore_errors=True)
 
-    def popen(self, module: str, args: list[str], cwd: Path, env: dict, new_session: bool = False) -> ForkedProcess:
+    def popen(self, target: str | Path, args: list[str], cwd: Path, env: dict, new_session: bool = False) -> ForkedProcess:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             conn.connect(self.path)
-            request = json.dumps({"module": module, "args": list(args), "cwd": str(cwd), "env": env, "new_session": new_session})
+            script = isinstance(target, Path)
+            request = json.dumps({"module": None if script else target, "script": str(target) if script else None,
+                                  "args": list(args), "cwd": str(cwd), "env": env, "new_session": new_session})
             with open(os.devnull, "rb") as devnull:
                 socket.send_fds(conn, [request.encode() + b"\n"], [devnull.fileno(), out_w, err_w])
             pid = int(json.loads(_read_line(conn))["pid"])
@@ -174,11 +177,11 @@ class ZygoteServer:
             os.close(out_w)
             os.close(err_w)
         proc = ForkedProcess(conn, pid, out_r, err_r)
-        proc.args = [sys.executable, "-m", module, *args]
+        proc.args = [sys.executable, *([str(target)] if isinstance(target, Path) else ["-m", target]), *args]
         return proc
 
-    def run(self, module: str, args: list[str], cwd: Path, env: dict, timeout: float | None = None) -> subprocess.CompletedProcess:
-        proc = self.popen(module, args, cwd, env)
+    def run(self, target: str | Path, args: list[str], cwd: Path, env: dict, timeout: float | None = None) -> subprocess.CompletedProcess:
+        proc = self.popen(target, args, cwd, env)
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -259,7 +262,8 @@ def _serve(path: str) -> None:
 
 def _child(request: dict, fds: list[int]) -> None:
     """The forked command: the test's pipes as 0, 1 and 2, its cwd and environment, then the
-    module as `python -m` runs it, and the interpreter's exit (threads joined, atexit hooks)."""
+    module as `python -m` runs it (or the script as `python path` does), and the interpreter's
+    exit (threads joined, atexit hooks)."""
     import atexit as _atexit
     import runpy
     import threading
@@ -277,10 +281,16 @@ def _child(request: dict, fds: list[int]) -> None:
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
-        sys.argv = ["-m", *request["args"]]
+        script = request["script"]
+        # sys.path[0] as the interpreter sets it: the working folder for -m, the script's folder
+        sys.path[0] = os.path.dirname(os.path.abspath(script)) if script else os.getcwd()
+        sys.argv = [script or "-m", *request["args"]]
         code = 0
         try:
-            runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+            if script:
+                runpy.run_path(script, run_name="__main__")
+            else:
+                runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
         except SystemExit as exc:
             if exc.code is None:
                 code = 0
@@ -310,5 +320,4 @@ def _child(request: dict, fds: list[int]) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(HERE))
     _serve(sys.argv[1])
