@@ -10,6 +10,7 @@ import glob
 import os
 import select
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -96,7 +97,9 @@ class MlflowServer:
             "--artifacts-destination", str(self.artifacts), "--host", "127.0.0.1", "--port", str(self.port),
             "--workers", "2",
         ]
-        self.proc = subprocess.Popen(cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
+        # A session of its own: `mlflow server` starts uvicorn, a job runner and its consumers,
+        # which outlive a terminated parent; stop() ends the whole group.
+        self.proc = subprocess.Popen(cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -111,12 +114,22 @@ class MlflowServer:
         raise RuntimeError(f"mlflow server did not answer in {timeout:.0f}s: {self.log.read_text()[-3000:]}")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        """The server and every process it started, as a machine that dies takes them all."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:  # stopped already
+            return
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the workers that outlived their parent's end
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
 
 
 def chromium_bin() -> str | None:

@@ -36,28 +36,31 @@ def test_tracking_server_dying_mid_sweep_interrupts_the_trial_and_a_restart_fini
                       "sweep.workers=1", "sweep.lanes=1")  # one trial at a time: one finished while the next runs
     # Fail fast in the test; users keep MLflow's default retries (minutes) for short outages.
     env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
-    worker = run_worker(args, cwd=tmp_path, env=env)
-    db = tmp_path / "sweeps" / "lr_vs_steps" / "study.db"
-    killed = False
-    deadline = time.time() + 240
-    while time.time() < deadline and worker.poll() is None:
-        if db.exists():
-            try:
-                states = [t.state for t in load_study(db.parent).get_trials()]
-            except Exception:
-                states = []
-            if TrialState.COMPLETE in states and TrialState.RUNNING in states:
-                server.stop()
-                killed = True
-                break
-        time.sleep(0.2)
-    out, err = worker.communicate(timeout=300)
-    assert killed, "the sweep finished before the server could be stopped"
-    assert worker.returncode == 2, err[-3000:]
-    assert "tracking: MLflow at" in err and "marked interrupted" in err
-    study = load_study(db.parent)
-    interrupted = [t for t in study.get_trials() if t.user_attrs.get("interrupted")]
-    assert len(interrupted) == 1 and interrupted[0].state == TrialState.FAIL
+    try:
+        worker = run_worker(args, cwd=tmp_path, env=env)
+        db = tmp_path / "sweeps" / "lr_vs_steps" / "study.db"
+        killed = False
+        deadline = time.time() + 240
+        while time.time() < deadline and worker.poll() is None:
+            if db.exists():
+                try:
+                    states = [t.state for t in load_study(db.parent).get_trials()]
+                except Exception:
+                    states = []
+                if TrialState.COMPLETE in states and TrialState.RUNNING in states:
+                    server.stop()
+                    killed = True
+                    break
+            time.sleep(0.2)
+        out, err = worker.communicate(timeout=300)
+        assert killed, "the sweep finished before the server could be stopped"
+        assert worker.returncode == 2, err[-3000:]
+        assert "tracking: MLflow at" in err and "marked interrupted" in err
+        study = load_study(db.parent)
+        interrupted = [t for t in study.get_trials() if t.user_attrs.get("interrupted")]
+        assert len(interrupted) == 1 and interrupted[0].state == TrialState.FAIL
+    finally:
+        server.stop()  # a no-op once the test stopped it
 
     server = MlflowServer(backend, tmp_path / "artifacts", port=server.port).start()
     try:
