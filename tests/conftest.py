@@ -93,24 +93,32 @@ def command_server(env: dict):
     return ZygoteServer.shared(repo_pythonpath())
 
 
-def run_module(module: str, *args: str, cwd: Path, timeout: int | None = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`python -m MODULE ARGS` in `cwd`: a process of its own, forked from the command server."""
+def start_python(target: str | Path, *args: str, cwd: Path, env: dict | None = None):
+    """`python -m TARGET ARGS` (a module name) or `python TARGET ARGS` (a script's Path) started
+    in `cwd`, not waited for: a process of its own with Popen's interface (poll, communicate,
+    send_signal), forked from the command server where it can be."""
     env = {**os.environ, "PYTHONPATH": repo_pythonpath(), **(env or {})}
     server = command_server(env)
     if server is not None:
-        return server.run(module, list(args), cwd=cwd, env=env, timeout=timeout)
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+        return server.popen(target, list(args), cwd=cwd, env=env)
+    head = [str(target)] if isinstance(target, Path) else ["-m", target]
+    return subprocess.Popen([sys.executable, *head, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
 
 
-def run_script(path: Path, *args: str, cwd: Path, timeout: int | None = 600) -> subprocess.CompletedProcess:
-    """`python PATH ARGS` in `cwd` (a benchmark): a process of its own, forked from the command server."""
-    env = {**os.environ, "PYTHONPATH": repo_pythonpath()}
-    server = command_server(env)
-    if server is not None:
-        return server.run(Path(path), list(args), cwd=cwd, env=env, timeout=timeout)
-    return subprocess.run([sys.executable, str(path), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+def run_python(target: str | Path, *args: str, cwd: Path, timeout: float | None = 300,
+               env: dict | None = None) -> subprocess.CompletedProcess:
+    """start_python, waited for, as subprocess.run(capture_output=True, text=True) returns it."""
+    proc = start_python(target, *args, cwd=cwd, env=env)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def run_cli(*args: str, cwd: Path, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m klein_sweep ARGS` in `cwd`, as a user runs it."""
-    return run_module("klein_sweep", *args, cwd=cwd, timeout=timeout, env={"HYDRA_FULL_ERROR": "0", **(env or {})})
+    return run_python("klein_sweep", *args, cwd=cwd, timeout=timeout, env={"HYDRA_FULL_ERROR": "0", **(env or {})})

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-from conftest import command_server, repo_pythonpath
+from conftest import start_python
 
 # Each committed sweep shrunk to two short trials on the tiny model.
 DEBUG_SIZE = {
@@ -35,14 +32,8 @@ def sweep_args(name: str, tmp: Path, *extra: str) -> list[str]:
 
 
 def run_worker(args: list[str], cwd: Path, env: dict | None = None):
-    """`python -m klein_sweep ARGS` started, not waited for: Popen's interface (poll, communicate,
-    send_signal), forked from the command server (conftest.command_server) where it can be."""
-    env = {**os.environ, "PYTHONPATH": repo_pythonpath(), **(env or {})}
-    server = command_server(env)
-    if server is not None:
-        return server.popen("klein_sweep", args, cwd=cwd, env=env)
-    return subprocess.Popen([sys.executable, "-m", "klein_sweep", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """`python -m klein_sweep ARGS` started, not waited for (conftest.start_python)."""
+    return start_python("klein_sweep", *args, cwd=cwd, env=env)
 
 
 def load_study(folder: Path):

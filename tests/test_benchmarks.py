@@ -8,11 +8,11 @@ import sys
 
 import pytest
 
-from conftest import REPO, run_script
+from conftest import REPO, run_python
 
 
 def bench(*args):
-    proc = run_script(REPO / "benchmarks" / "bench_train_step.py", *args, cwd=REPO)
+    proc = run_python(REPO / "benchmarks" / "bench_train_step.py", *args, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -78,7 +78,7 @@ def test_flop_count_of_the_real_architecture():
 
 
 def run_benchmark(name, *args):
-    proc = run_script(REPO / "benchmarks" / name, *args, cwd=REPO)
+    proc = run_python(REPO / "benchmarks" / name, *args, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 

@@ -13,7 +13,7 @@ import time
 import pytest
 import yaml
 
-from conftest import REPO, repo_pythonpath, run_cli, run_module
+from conftest import REPO, repo_pythonpath, run_cli, run_python
 from sweep_helpers import DEBUG_SIZE, completed_cells, compose_plan, load_study, run_worker, sweep_args
 
 
@@ -172,11 +172,11 @@ def test_report_rebuilds_from_storage_alone(tmp_path):
 
     shutil.rmtree(tmp_path / "mlruns", ignore_errors=True)
 
-    out = run_module("klein_sweep.report", "reproduce_2500_2e-4", cwd=tmp_path)
+    out = run_python("klein_sweep.report", "reproduce_2500_2e-4", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert (folder / "report.md").read_text() == before
     assert (folder / "heatmaps.png").exists()
-    missing = run_module("klein_sweep.report", "nope", cwd=tmp_path)
+    missing = run_python("klein_sweep.report", "nope", cwd=tmp_path)
     assert missing.returncode == 2 and "no study in sweeps/nope" in missing.stderr
 
 

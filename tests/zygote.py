@@ -1,20 +1,18 @@
 """`python -m klein_sweep ...` for the tests, forked from a server that imported the libraries once.
 
-A command spends ~10 s of CPU importing torch, diffusers, transformers, peft, MLflow and the
+A command spends ~6-10 s of CPU importing torch, diffusers, transformers, peft, MLflow and the
 rest before it does anything, and the test run starts dozens of them on two cores. The server
 here (one per test process, started on first use) imports them once; each command is a process
 forked from it that runs the module as `python -m` does (`runpy`, `sys.argv`, the test's cwd,
 environment and pipes, its own exit status), so the test sees a real process: it can signal it,
 kill it, read its output and exit code. The sweep's own worker processes start as they always do.
 
-Commands that must meet a fresh interpreter still get one: an environment that changes what is
-importable (another PYTHONPATH than the server's: `serves`), and the tests of the installed
-entry points (tests/test_wheel.py), which start theirs themselves.
+Commands that must meet a fresh interpreter still get one (conftest.command_server decides): an
+environment that changes what is importable (another PYTHONPATH than the server's), and the
+tests of the installed entry points (tests/test_wheel.py), which start theirs themselves.
 
     server = ZygoteServer.shared(pythonpath)   the test process's server
-    server.serves(env)                         can a command with this environment be forked from it?
     server.popen(target, args, cwd, env)       -> ForkedProcess (poll, wait, communicate, send_signal, kill)
-    server.run(target, args, cwd, env, timeout) -> subprocess.CompletedProcess
 
 `target`: a module name (`python -m klein_sweep`) or a script's Path (`python benchmarks/x.py`).
 """
@@ -46,9 +44,10 @@ class ForkedProcess:
     """subprocess.Popen's interface for a process the server forked (not our child: the server
     reaps it and sends its exit status)."""
 
-    def __init__(self, conn: socket.socket, pid: int, stdout: int, stderr: int):
+    def __init__(self, conn: socket.socket, pid: int, stdout: int, stderr: int, received: bytes = b""):
         self.pid, self._conn, self._pipes = pid, conn, {stdout: bytearray(), stderr: bytearray()}
         self._stdout, self._stderr = stdout, stderr
+        self._status = bytearray(received)  # what arrived of the exit status so far
         self.returncode: int | None = None
         self.args = None
 
@@ -63,13 +62,19 @@ class ForkedProcess:
         return self.returncode
 
     def _read_status(self, timeout: float | None) -> bool:
+        """The server sends the exit status once it reaped the process, then closes: read to the end."""
         self._conn.settimeout(timeout)
-        try:
-            data = self._conn.recv(64)
-        except (socket.timeout, BlockingIOError):
-            return False
+        while True:
+            try:
+                chunk = self._conn.recv(256)
+            except (socket.timeout, BlockingIOError):
+                return False
+            if not chunk:
+                break
+            self._status += chunk
+            self._conn.settimeout(None)  # the rest follows at once
         self._conn.close()
-        self.returncode = int(json.loads(data)["status"]) if data else -signal.SIGKILL  # a lost server
+        self.returncode = int(json.loads(self._status)["status"]) if self._status else -signal.SIGKILL  # a lost server
         return True
 
     def communicate(self, timeout: float | None = None) -> tuple[str, str]:
@@ -78,7 +83,7 @@ class ForkedProcess:
         deadline = None if timeout is None else time.monotonic() + timeout
         with selectors.DefaultSelector() as sel:
             for fd in self._pipes:
-                if fd is not None and not self._closed(fd):
+                if not self._closed(fd):
                     sel.register(fd, selectors.EVENT_READ)
             while sel.get_map():
                 left = None if deadline is None else deadline - time.monotonic()
@@ -107,6 +112,12 @@ class ForkedProcess:
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
+
+    def __del__(self):
+        for fd, data in self._pipes.items():
+            if not isinstance(data, bytes):
+                os.close(fd)
+        self._conn.close()
 
 
 def _text(data: bytes) -> str:
@@ -143,9 +154,6 @@ class ZygoteServer:
             time.sleep(0.05)
         return server
 
-    def serves(self, env: dict) -> bool:
-        return env.get("PYTHONPATH", "") == self.pythonpath
-
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
@@ -156,7 +164,7 @@ class ZygoteServer:
                 self.process.wait()
         shutil.rmtree(self.folder, ignore_errors=True)
 
-    def popen(self, target: str | Path, args: list[str], cwd: Path, env: dict, new_session: bool = False) -> ForkedProcess:
+    def popen(self, target: str | Path, args: list[str], cwd: Path, env: dict) -> ForkedProcess:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -164,10 +172,11 @@ class ZygoteServer:
             conn.connect(self.path)
             script = isinstance(target, Path)
             request = json.dumps({"module": None if script else target, "script": str(target) if script else None,
-                                  "args": list(args), "cwd": str(cwd), "env": env, "new_session": new_session})
+                                  "args": list(args), "cwd": str(cwd), "env": env})
             with open(os.devnull, "rb") as devnull:
                 socket.send_fds(conn, [request.encode() + b"\n"], [devnull.fileno(), out_w, err_w])
-            pid = int(json.loads(_read_line(conn))["pid"])
+            line, received = _read_line(conn)
+            pid = int(json.loads(line)["pid"])
         except BaseException:
             conn.close()
             os.close(out_r)
@@ -176,29 +185,21 @@ class ZygoteServer:
         finally:
             os.close(out_w)
             os.close(err_w)
-        proc = ForkedProcess(conn, pid, out_r, err_r)
+        proc = ForkedProcess(conn, pid, out_r, err_r, received)
         proc.args = [sys.executable, *([str(target)] if isinstance(target, Path) else ["-m", target]), *args]
         return proc
 
-    def run(self, target: str | Path, args: list[str], cwd: Path, env: dict, timeout: float | None = None) -> subprocess.CompletedProcess:
-        proc = self.popen(target, args, cwd, env)
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise
-        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
-
-def _read_line(conn: socket.socket) -> bytes:
+def _read_line(conn: socket.socket) -> tuple[bytes, bytes]:
+    """(the first line, whatever came after it)."""
     data = b""
-    while not data.endswith(b"\n"):
+    while b"\n" not in data:
         chunk = conn.recv(4096)
         if not chunk:
             raise ConnectionError("the test command server closed the connection")
         data += chunk
-    return data
+    line, _, rest = data.partition(b"\n")
+    return line, rest
 
 
 # ---- the server process -------------------------------------------------------------------
@@ -274,8 +275,6 @@ def _child(request: dict, fds: list[int]) -> None:
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
             os.close(fd)
-        if request["new_session"]:
-            os.setsid()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
         os.chdir(request["cwd"])
