@@ -51,4 +51,5 @@ def raise_if_requested() -> None:
 
 
 def forget() -> None:
+    """The request handled: a later raise_if_requested passes again."""
     _requested.clear()

@@ -206,9 +206,8 @@ def _read_line(conn: socket.socket) -> tuple[bytes, bytes]:
 
 
 def _serve(path: str) -> None:
-    import importlib
-
     import gc
+    import importlib
 
     for name in PRELOAD:
         importlib.import_module(name)
@@ -275,8 +274,8 @@ def _child(request: dict, fds: list[int]) -> None:
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
             os.close(fd)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, as in a fresh interpreter
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the server's
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
