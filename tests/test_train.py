@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from klein_sweep import interrupts
-
 from klein_sweep.config import DataConfig, TrainConfig
 from klein_sweep.data.folder import load_examples
 from klein_sweep.data.encoding import EncodingCache, EncodingKey, encode_data
