@@ -13,6 +13,12 @@ sample), so a lane's gradient is its own loss's alone (tests/test_lanes.py check
 one-lane trainings). One lane trains the model's own peft adapter through peft's forward (and so
 can be compiled); several keep their weights here and shadow the adapted layers' forwards.
 
+Several lanes' weights live stacked, one (lanes, *shape) tensor per adapter tensor, so a layer's
+forward reads all lanes without stacking them (a stack per tensor and forward, and its backward,
+were ~5% of a lanes-of-3 step on the mini model). Lane l's parameters, the ones its optimizer
+group, clipping and saved state see, are row-l views of that storage, and so are their gradients:
+the backward accumulates into the stacked gradient in place.
+
 At a checkpoint lane l's weights are copied into the model's ordinary peft adapter and the
 callback sees a plain single-LoRA model: evaluation, saving and snapshots need no lane logic.
 A saved training state is one lane's, in the one-lane layout; trainings that continue from the
@@ -42,9 +48,42 @@ class LaneAdapters:
         self.layers = [m for m in transformer.modules() if isinstance(m, LoraLayer) and "default" in m.lora_A]
         # The adapter's own parameters, A then B per layer, in model order.
         self.adapter = [p for m in self.layers for p in (m.lora_A["default"].weight, m.lora_B["default"].weight)]
+        self.n_lanes = n_lanes
         self.single = n_lanes == 1
-        self.params = [self.adapter] if self.single else \
-            [[torch.nn.Parameter(p.detach().float().clone()) for p in self.adapter] for _ in range(n_lanes)]
+        if self.single:
+            self.stacked: list[torch.Tensor] = []
+            self.params = [self.adapter]
+        else:
+            # (lanes, *shape) per adapter tensor, with its gradient allocated once: autograd adds
+            # into it in place, so the row views below stay the lanes' gradients.
+            self.stacked = [p.detach().float().unsqueeze(0).repeat(n_lanes, *([1] * p.ndim)).requires_grad_() for p in self.adapter]
+            for s in self.stacked:
+                s.grad = torch.zeros_like(s)
+            self.params = [[self._row(s, lane) for s in self.stacked] for lane in range(n_lanes)]
+
+    @staticmethod
+    def _row(stacked: torch.Tensor, lane: int) -> torch.nn.Parameter:
+        """Row `lane` of `stacked` as a parameter of its own sharing its storage, with its
+        gradient the same row of the stacked gradient."""
+        p = torch.nn.Parameter(stacked.detach()[lane])
+        p.grad = stacked.grad[lane]
+        return p
+
+    def keep_grads_of(self, active: Sequence[int]) -> None:
+        """Before an optimizer step: a lane out of the batch carries no gradient into it, so AdamW
+        leaves its weights as they were when it left (no weight decay, no momentum)."""
+        if not self.single:
+            for lane in set(range(self.n_lanes)) - set(active):
+                for p in self.params[lane]:
+                    p.grad = None
+
+    def zero_grad(self, optimizer) -> None:
+        """After an optimizer step. Several lanes: their gradients zeroed in place, so the row
+        views stay attached."""
+        if self.single:
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            torch._foreach_zero_([s.grad for s in self.stacked])
 
     @contextlib.contextmanager
     def batched(self, lanes: Sequence[int]):
@@ -54,9 +93,11 @@ class LaneAdapters:
             yield  # peft's own forward on the adapter's own weights
             return
         shadowed = [m.__dict__.get("forward") for m in self.layers]  # a hook's own wrapper, if any
+        rows = None if list(lanes) == list(range(self.n_lanes)) else torch.tensor(list(lanes), device=self.stacked[0].device)
         for i, m in enumerate(self.layers):
-            a = [self.params[lane][2 * i] for lane in lanes]
-            b = [self.params[lane][2 * i + 1] for lane in lanes]
+            a, b = self.stacked[2 * i], self.stacked[2 * i + 1]
+            if rows is not None:  # some lanes left the batch: the others' rows
+                a, b = a.index_select(0, rows), b.index_select(0, rows)
             m.forward = functools.partial(_lane_forward, m, a, b)  # instance attribute: shadows peft's forward
         try:
             yield
@@ -91,17 +132,17 @@ class LaneAdapters:
             p.copy_(state.lora[name].to(p.device, p.dtype))
 
 
-def _lane_forward(layer, a: list[torch.Tensor], b: list[torch.Tensor], x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """base(x) + per-lane B_l (A_l x) * scale. x (lanes x B, ..., in) -> (lanes x B, ..., out)."""
+def _lane_forward(layer, a_stack: torch.Tensor, b_stack: torch.Tensor, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """base(x) + per-lane B_l (A_l x) * scale, with a_stack (lanes, r, in) and b_stack (lanes,
+    out, r). x (lanes x B, ..., in) -> (lanes x B, ..., out)."""
     result = layer.base_layer(x, *args, **kwargs)
-    a_stack = torch.stack(a)  # (lanes, r, in)
-    b_stack = torch.stack(b)  # (lanes, out, r)
-    xs = x.to(a_stack.dtype).reshape(len(a), -1, x.shape[-1])  # (lanes, B*tokens, in)
+    lanes = a_stack.shape[0]
+    xs = x.to(a_stack.dtype).reshape(lanes, -1, x.shape[-1])  # (lanes, B*tokens, in)
     down = torch.bmm(xs, a_stack.transpose(1, 2))  # (lanes, B*tokens, r)
     # result + scale * down @ B^T in one kernel: the scale and the sum ride in the matrix product,
     # where a separate mul and add each passed over the whole (lanes, B*tokens, out) output and
     # back again in the backward (memory-bound on a CPU: ~0.5 ms each for the mini's widest layer).
-    base = result.reshape(len(a), -1, result.shape[-1]).to(a_stack.dtype)
+    base = result.reshape(lanes, -1, result.shape[-1]).to(a_stack.dtype)
     out = torch.baddbmm(base, down, b_stack.transpose(1, 2), alpha=layer.scaling["default"])
     return out.reshape(result.shape).to(result.dtype)
 

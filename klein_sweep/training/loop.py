@@ -163,12 +163,13 @@ def _optimizer_step(transformer, adapters: LaneAdapters, active: list[int], batc
             # The sum's gradient in lane l's parameters is lane l's loss's alone.
             accelerator.backward(per_lane.sum() / cfg.grad_accum)
         micro.append(per_lane.detach())
+    adapters.keep_grads_of(active)
     if cfg.max_grad_norm > 0:
         for lane in active:  # each lane clipped by its own norm, as a lone training is
             accelerator.clip_grad_norm_(adapters.params[lane], cfg.max_grad_norm)
     optimizer.step()  # once per optimizer step; lanes out of the batch have no gradient: AdamW leaves them be
     lr_scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    adapters.zero_grad(optimizer)
     return torch.stack(micro).mean(dim=0).tolist()  # one device sync per step
 
 
