@@ -15,7 +15,7 @@ can be compiled); several keep their weights here and shadow the adapted layers'
 
 Several lanes' weights live stacked, one (lanes, *shape) tensor per adapter tensor, so a layer's
 forward reads all lanes without stacking them (a stack per tensor and forward, and its backward,
-were ~5% of a lanes-of-3 step on the mini model). Lane l's parameters, the ones its optimizer
+cost 4-9% of a lanes-of-3 step on the mini model). Lane l's parameters, the ones its optimizer
 group, clipping and saved state see, are row-l views of that storage, and so are their gradients:
 the backward accumulates into the stacked gradient in place.
 
