@@ -92,8 +92,9 @@ def interrupted_line(settings: Settings | None) -> str:
     if settings is None:
         return "nothing was started"
     if settings.sweep is not None:
-        return (f"sweep {settings.sweep.name} stopped; the trial in flight is marked interrupted and its MLflow run KILLED. "
-                "The same command resumes the sweep: finished cells are kept, the interrupted one runs again")
+        # Two workers, or lanes, have several trials in flight: each is marked.
+        return (f"sweep {settings.sweep.name} stopped; every trial in flight is marked interrupted and its MLflow run KILLED. "
+                "The same command resumes the sweep: finished cells are kept, the interrupted ones run again")
     return "training stopped; its MLflow run is marked KILLED and no LoRA was saved after the last checkpoint. The same command trains again"
 
 

@@ -47,6 +47,7 @@ def test_ctrl_c_prints_one_line_closes_the_runs_and_the_same_command_resumes(tmp
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.startswith("klein_sweep: interrupted")]
     assert len(lines) == 1 and "sweep lr_vs_steps stopped" in lines[0] and "The same command resumes" in lines[0]
+    assert "every trial in flight is marked interrupted" in lines[0]  # two were: the line must not say one
 
     study = load_study(db.parent)
     # The command's own account (a worker terminated after the grace period, a storage error while
