@@ -20,10 +20,12 @@ def test_ctrl_c_prints_one_line_closes_the_runs_and_the_same_command_resumes(tmp
     from mlflow.tracking import MlflowClient
     from optuna.trial import TrialState
 
-    # A checkpoint at step 2 shows a trial is training; 1500 steps (~8 s of training on one
-    # AVX-512 core) keep both trials in flight until the workers get the signal, which the
-    # command passes on at once, 1.5 s after both were seen training.
-    args = sweep_args("lr_vs_steps", tmp_path, "sweep.params.train.steps.values=[2,1500]", f"sweep.workers={workers}")
+    # A checkpoint at step 2 shows a trial is training; 800 steps keep both trials in flight
+    # until the workers get the signal, which the command passes on at once, 1.5 s after both
+    # were seen training: by then the first had trained 170-330 steps in three runs (2 cores
+    # AVX-512, no other load; a loaded machine trains slower, the margin grows). The rerun trains
+    # both to the end, so each step more costs the run twice.
+    args = sweep_args("lr_vs_steps", tmp_path, "sweep.params.train.steps.values=[2,800]", f"sweep.workers={workers}")
     worker = run_worker(args, cwd=tmp_path)
     db = tmp_path / "sweeps" / "lr_vs_steps" / "study.db"
     deadline, in_flight = time.time() + 300, None
