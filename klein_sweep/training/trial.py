@@ -114,9 +114,11 @@ def prepare_model(plan: TrialPlan, extra_prompts: list[str] = ()) -> PreparedMod
     VAE encoder, then put the transformer and the VAE's decoder on the accelerator: what a 9B
     LoRA needs to fit a 24 GB card (models/placement.py)."""
     from klein_sweep.data.encoding import EncodingCache, EncodingKey, encode_data, release_text_encoder, release_vae_encoder
+    from klein_sweep.heap import freeze_libraries
     from klein_sweep.models import placement as placements
     from klein_sweep.models.loading import load_pipeline, model_cache_id, pick_runtime
 
+    freeze_libraries()  # before the model exists: the collections that release memory skip the libraries
     s = plan.settings
     runtime = pick_runtime(s.model, s.train.device)
     pipe = load_pipeline(s.model, runtime)
