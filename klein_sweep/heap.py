@@ -1,8 +1,8 @@
 """The libraries' import-time objects, frozen once per process before the first model exists.
 
 Importing torch, diffusers, transformers, peft, accelerate, MLflow, Optuna and torchmetrics leaves
-~1.1M Python objects that live as long as the process. A full garbage collection passes over all
-of them: 0.39 s each (2 cores AVX-512), and a trial runs several to hand memory back (the text
+~645k Python objects that live as long as the process. A full garbage collection passes over all
+of them: 0.26 s each (2 cores AVX-512), and a trial runs several to hand memory back (the text
 encoder and the VAE encoder released, the trial's optimizer state and activations released).
 Frozen (gc.freeze: moved to the permanent generation, which collections skip), they cost nothing.
 A model is built after the freeze, so the collections still see it and free it.

@@ -98,7 +98,7 @@ class MlflowServer:
             "--workers", "2",
         ]
         # No job runner: klein_sweep submits no MLflow jobs (judges, prompt optimization), and the
-        # runner's three processes each import the server again: 39 -> 13 s of CPU per server
+        # runner and its huey consumers each import the server again: 39 -> 13 s of CPU per server
         # started and left idle 15 s (2 cores AVX-512).
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         # A session of its own: `mlflow server` starts uvicorn workers, which outlive a

@@ -24,7 +24,7 @@ def test_ctrl_c_prints_one_line_closes_the_runs_and_the_same_command_resumes(tmp
     # until the workers get the signal, which the command passes on at once, 1.5 s after both
     # were seen training: by then the first had trained 170-330 steps in three runs (2 cores
     # AVX-512, no other load; a loaded machine trains slower, the margin grows). The rerun trains
-    # both to the end, so each step more costs the run twice.
+    # both cells to the end: every step here is paid twice.
     args = sweep_args("lr_vs_steps", tmp_path, "sweep.params.train.steps.values=[2,800]", f"sweep.workers={workers}")
     worker = run_worker(args, cwd=tmp_path)
     db = tmp_path / "sweeps" / "lr_vs_steps" / "study.db"
