@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import logging
 import math
+import multiprocessing.connection
 import os
 import signal
 import sys
@@ -33,6 +34,10 @@ log = logging.getLogger(__name__)
 # Auto starts worker processes only for trials at least this long: a process takes ~5 s to
 # import torch and load the mini model, more than a few-step trial takes to run.
 MIN_STEPS_FOR_PROCESSES = 200
+# The command's progress bar re-reads the study this often. Each read loads every trial with its
+# attributes and reports, and on SQLite waits for the workers' writes: read twice a second, the
+# default sweep's command sat in these reads for ~13 s of a run (sampled, waits included).
+PROGRESS_EVERY_S = 5.0
 
 
 def resolve_workers(plan: SweepPlan) -> int:
@@ -106,11 +111,13 @@ def run_parallel(plan: SweepPlan, workers: int) -> SweepSummary:
     total = len(plan.cells) or plan.sweep.n_trials or 0
     bar = tqdm(total=total, desc="trials", unit="trial", disable=None, dynamic_ncols=True)
     try:
-        while any(p.is_alive() for p in processes):
-            bar.total = total + refinement_count(study)  # refinement trainings join after the grid
-            bar.n = len(finished_trials(study))
+        while alive := [p for p in processes if p.is_alive()]:
+            trials = study.get_trials(deepcopy=False)
+            bar.total = total + refinement_count(trials)  # refinement trainings join after the grid
+            bar.n = len(finished_trials(trials))
             bar.refresh()
-            time.sleep(1.0)
+            # Back as soon as a worker exits; otherwise the next look after PROGRESS_EVERY_S.
+            multiprocessing.connection.wait([p.sentinel for p in alive], timeout=PROGRESS_EVERY_S)
             raise_if_requested()  # a Ctrl-C swallowed inside a library callback
     except KeyboardInterrupt:
         # A Ctrl-C on a terminal reaches every worker too; a signal sent to this process alone
@@ -123,7 +130,7 @@ def run_parallel(plan: SweepPlan, workers: int) -> SweepSummary:
         close_parent_run(study, parent, "KILLED")
         raise
     finally:
-        bar.n = len(finished_trials(study))
+        bar.n = len(finished_trials(study.get_trials(deepcopy=False)))
         bar.close()
     failed_workers = [p.name for p in processes if p.exitcode != 0]
     if failed_workers:
@@ -132,7 +139,7 @@ def run_parallel(plan: SweepPlan, workers: int) -> SweepSummary:
             f"sweep {plan.study_name}: {', '.join(failed_workers)} stopped with an error (printed above); finished cells "
             "are kept and the same command runs the rest"
         )
-    done = finished_trials(study)
+    done = finished_trials(study.get_trials(deepcopy=False))
     summary = SweepSummary(ran=[t.number for t in done if t.state.name != "FAIL"],
                            failed=[t.number for t in done if t.state.name == "FAIL"],
                            parent_run_id=getattr(parent, "run_id", None), experiment_id=getattr(parent, "experiment_id", None),
@@ -183,20 +190,22 @@ def stop_workers(processes: list, grace: float) -> None:
             p.join(timeout=max(0.0, stage_deadline - time.monotonic()))
 
 
-def refinement_count(study) -> int:
-    """Refinement trainings queued so far (interrupted ones run again under the same spec)."""
+def refinement_count(trials: list) -> int:
+    """Refinement trainings queued so far among the study's `trials` (interrupted ones run again
+    under the same spec)."""
     from klein_sweep.sweep.refinement import refine_spec
 
-    return len({spec.key for t in study.get_trials(deepcopy=False) if (spec := refine_spec(t)) is not None})
+    return len({spec.key for t in trials if (spec := refine_spec(t)) is not None})
 
 
-def finished_trials(study) -> list:
-    """Trials that ran to a result: complete, pruned, or failed for a reason of their own."""
+def finished_trials(trials: list) -> list:
+    """Of the study's `trials`, those that ran to a result: complete, pruned, or failed for a
+    reason of their own."""
     from optuna.trial import TrialState
 
     from klein_sweep.record import Attr
 
-    return [t for t in study.get_trials(deepcopy=False)
+    return [t for t in trials
             if t.state in (TrialState.COMPLETE, TrialState.PRUNED) or (t.state == TrialState.FAIL and Attr.FAILURE in t.user_attrs)]
 
 
