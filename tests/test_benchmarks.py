@@ -1,6 +1,6 @@
 """The benchmarks keep running: the training-step benchmark on the tiny model (CPU), its FLOP
 count on the real 9B/4B architecture (meta device, no weights), lanes against one LoRA per
-training, merged sampling and the arithmetic floor (mini model)."""
+training, merged sampling, the arithmetic floor and the workers' layout (mini model)."""
 
 from __future__ import annotations
 
@@ -198,3 +198,28 @@ def test_boundary_fit_benchmark_prints_the_ratio_of_its_times_and_the_fits_agree
     # the same maximum: a gradient that pointed elsewhere would stop at another line
     assert float(out.split("in the coefficients:")[1].split()[0]) < 1e-3
     assert float(out.split("in the interval ends:")[1]) < 0.05
+
+
+@pytest.mark.slow
+def test_worker_layout_benchmark_prints_each_layouts_rate_from_its_step_times():
+    import re
+
+    out = run_benchmark("bench_worker_layout.py", "--steps", "2", "--rounds", "1")
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in out.splitlines()
+            if line.startswith("| ") and not line.startswith("| layout")]
+    assert [len(r[1].split(",")) for r in rows] == [1, 2, 1], out  # one worker alone, two at once, one on two threads
+    lanes = [3, 6, 5]
+    rates = []
+    for row, n in zip(rows, lanes):
+        # one round: the machine's rate is the layout's lane-steps over its slowest worker's time
+        slowest_ms = max(float(ms) for ms in row[1].split(","))
+        rate = float(row[2])
+        expected = n * 1000 / slowest_ms
+        assert abs(rate - expected) <= 0.01 * expected + 0.05, (row, expected)
+        rates.append(rate)
+    for row, rate in zip(rows, rates):
+        assert abs(float(row[3].removesuffix("x")) - rate / rates[1]) <= 0.006, row
+    beside, alone = map(float, re.search(r"\(([\d.]+) against ([\d.]+) ms a step", out).groups())
+    assert beside == min(float(ms) for ms in rows[1][1].split(",")) and alone == float(rows[0][1])
+    speed = float(re.search(r"trains at ([\d.]+)x its speed alone", out).group(1))
+    assert abs(speed - alone / beside) <= 0.006, out
