@@ -1,9 +1,9 @@
 """A sweep on every CPU core of one machine: the command prepares the study, starts N worker
-processes on it (each single-threaded: on 2 cores two workers at once trained 1.56x the lane-steps
-of one alone, one worker on both threads with all five lrs as lanes 1.37x;
-benchmarks/bench_worker_layout.py), shows one progress bar of finished trials, then writes the
-report. The workers are the same code as the many-machines recipe (sweep.role=work), so no cell
-runs twice and a killed worker's cell runs again.
+processes on it (each single-threaded: on 2 cores two workers at once trained 1.56-1.90x the
+lane-steps of one alone, one worker on both threads with all five lrs as lanes 1.37-1.65x, two
+runs of benchmarks/bench_worker_layout.py), shows one progress bar of finished trials, then
+writes the report. The workers are the same code as the many-machines recipe (sweep.role=work),
+so no cell runs twice and a killed worker's cell runs again.
 
   run_on_this_machine(plan)   one worker in this process, or N processes when sweep.workers says so
   resolve_workers(plan)       sweep.workers, or auto: cores on a CPU (at most one per cell), 1 on a GPU
