@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -60,27 +61,40 @@ def run_together(configs: list[tuple[int, int]], steps: int) -> list[float]:
     """Start one child per (lanes, threads), let all of them load, then time them at once.
     Returns each child's seconds."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    procs = [subprocess.Popen([sys.executable, __file__, "--child", str(lanes), str(threads), str(steps)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-             for lanes, threads in configs]
-    try:
-        for p in procs:
-            while (line := p.stdout.readline()) and line.strip() != "ready":
-                pass
-            if not line:
-                raise RuntimeError(f"a worker exited before it was ready (exit code {p.wait()})")
-        for p in procs:
-            p.stdin.write("go\n")
-            p.stdin.flush()
-        seconds = []
-        for p in procs:
-            out, _ = p.communicate(timeout=3600)
-            seconds.append(json.loads(out.strip().splitlines()[-1])["seconds"])
-        return seconds
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    with tempfile.TemporaryDirectory() as logs:
+        errors = [open(Path(logs) / f"worker{i}.err", "w+") for i in range(len(configs))]
+        procs = [subprocess.Popen([sys.executable, __file__, "--child", str(lanes), str(threads), str(steps)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+                 for (lanes, threads), err in zip(configs, errors)]
+
+        def failed(i: int) -> RuntimeError:
+            errors[i].seek(0)
+            return RuntimeError(f"a worker ({configs[i][0]} lanes, {configs[i][1]} threads) exited with code "
+                                f"{procs[i].wait()}:\n{errors[i].read()[-3000:]}")
+
+        try:
+            for i, p in enumerate(procs):
+                while (line := p.stdout.readline()) and line.strip() != "ready":
+                    pass
+                if not line:
+                    raise failed(i)
+            for p in procs:
+                p.stdin.write("go\n")
+                p.stdin.flush()
+            seconds = []
+            for i, p in enumerate(procs):
+                out, _ = p.communicate(timeout=3600)
+                if p.returncode != 0:
+                    raise failed(i)
+                seconds.append(json.loads(out.strip().splitlines()[-1])["seconds"])
+            return seconds
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+            for err in errors:
+                err.close()
 
 
 def main(argv=None) -> int:

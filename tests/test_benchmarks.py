@@ -202,13 +202,15 @@ def test_boundary_fit_benchmark_prints_the_ratio_of_its_times_and_the_fits_agree
 
 @pytest.mark.slow
 def test_worker_layout_benchmark_prints_each_layouts_rate_from_its_step_times():
+    import os
     import re
 
     out = run_benchmark("bench_worker_layout.py", "--steps", "2", "--rounds", "1")
     rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in out.splitlines()
             if line.startswith("| ") and not line.startswith("| layout")]
-    assert [len(r[1].split(",")) for r in rows] == [1, 2, 1], out  # one worker alone, two at once, one on two threads
-    lanes = [3, 6, 5]
+    cores = os.cpu_count() or 1
+    assert [len(r[1].split(",")) for r in rows] == [1, cores, 1], out  # one worker alone, one per core at once, one on every core
+    lanes = [3, 3 * cores, 5]
     rates = []
     for row, n in zip(rows, lanes):
         # one round: the machine's rate is the layout's lane-steps over its slowest worker's time
