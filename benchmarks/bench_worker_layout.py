@@ -115,12 +115,12 @@ def main(argv=None) -> int:
         f"{cores} workers at once, 1 thread each, lanes of 3 each (the default)": [(3, 1)] * cores,
         f"one worker, {cores} threads, all 5 lrs as lanes": [(5, cores)],
     }
-    best: dict[str, list[float]] = {name: [] for name in layouts}  # per round: the slowest worker's seconds
+    slowest: dict[str, list[float]] = {name: [] for name in layouts}  # per round: the slowest worker's seconds
     each: dict[str, list[float]] = {name: [] for name in layouts}  # every worker's seconds
     for _ in range(args.rounds):
         for name, configs in layouts.items():
             seconds = run_together(configs, args.steps)
-            best[name].append(max(seconds))
+            slowest[name].append(max(seconds))
             each[name].extend(seconds)
 
     print(f"machine: {machine()}; mini model, {args.steps} optimizer steps per worker, {args.rounds} round(s), the faster round")
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|")
     rates = {}
     for name, configs in layouts.items():
-        wall = min(best[name])
+        wall = min(slowest[name])  # the faster round
         rates[name] = sum(lanes for lanes, _ in configs) * args.steps / wall
     default = list(layouts)[1]
     for name, configs in layouts.items():
