@@ -159,7 +159,9 @@ def run_single_trial(settings: Settings, resolved_yaml: str) -> None:
                  if record.collapse_step is not None else ""))
     if outcome.run_description:
         print(f"MLflow {outcome.run_description}; artifacts: config.yaml, lora/ (diffusers + ComfyUI files)")
-        print("browse with: mlflow ui --backend-store-uri " + redact(settings.tracking.uri))
+        from klein_sweep.tracking import mlflow_ui_command
+
+        print("browse with: " + mlflow_ui_command(settings.tracking.uri))
 
 
 def run_sweep_command(settings: Settings, resolved: dict) -> None:
@@ -202,9 +204,9 @@ def run_sweep_command(settings: Settings, resolved: dict) -> None:
     plots = ", ".join(p.name for p in sorted(summary.report_dir.glob("*.png")))
     print(f"report: {summary.report_dir / 'report.md'} (with {plots})")
     if summary.parent_run_id:
-        from klein_sweep.tracking import runs_view_route
+        from klein_sweep.tracking import mlflow_ui_command, runs_view_route
 
-        print(f"MLflow experiment '{plan.study_name}', parent run {summary.parent_run_id}; browse with: mlflow ui --backend-store-uri {redact(settings.tracking.uri)}")
+        print(f"MLflow experiment '{plan.study_name}', parent run {summary.parent_run_id}; browse with: {mlflow_ui_command(settings.tracking.uri)}")
         if summary.experiment_id:
             print(f"  the trials with their states: http://127.0.0.1:5000/{runs_view_route(summary.experiment_id)}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,9 @@ def test_one_trial_end_to_end(tmp_path):
         "lora/klein_lora_comfyui.safetensors", "lora/pytorch_lora_weights.safetensors"]
     local_lora = Path(proc.stdout.split("LoRA: ")[1].splitlines()[0])
     assert local_lora.exists()
+    # The printed command browses this folder's store, without MLflow's job runner (lighter on a small machine).
+    browse = shlex.split(proc.stdout.split("browse with: ")[1].splitlines()[0])
+    assert browse == ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false", "mlflow", "ui", "--backend-store-uri", "sqlite:///mlflow.db"]
 
     # a second run over the same data encodes nothing
     again = run_cli("model=tiny", "data=tiny_character", "train.steps=2", "tracking=none", cwd=tmp_path)
