@@ -81,8 +81,6 @@ def test_bad_dataset(tmp_path, kind):
         (["+sweep=lr_vs_steps", "+sweep.params.model.name={type: categorical, values: [a]}"], "sweep.params.model.name"),
         (["+sweep=lr_vs_steps", "sweep.sampler=annealing"], "sweep.sampler"),
         (["+sweep=lr_vs_steps", "sweep.role=boss"], "sweep.role"),
-        (["+sweep=lr_vs_steps", "sweep.lanes=2", "train.compile=true"],
-         "config key 'sweep.lanes' = 2 is invalid: 1 with train.compile=true"),
         (["+sweep=lr_vs_steps", "eval=none"], "eval.enabled"),
         # needs the model's config or the environment: checked for every cell before anything exists
         (["+sweep=lr_vs_steps", "data.resolution=30"], "config key 'data.resolution' = 30 is invalid: a multiple of 4 for model tiny"),

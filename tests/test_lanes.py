@@ -136,9 +136,37 @@ def test_auto_lanes_share_the_grids_lrs_among_the_workers_on_a_cpu(tmp_path):
     assert resolve_lanes(plan(), workers=2) == 3  # the shipped sweep: 5 lrs over 2 workers, 3 + 2
     assert resolve_lanes(plan(), workers=1) == 5
     assert resolve_lanes(plan("sweep.lanes=1"), workers=2) == 1
-    assert resolve_lanes(plan("train.compile=true"), workers=2) == 1  # compiled blocks: one LoRA per training
+    assert resolve_lanes(plan("train.compile=true"), workers=2) == 3  # compiled blocks train lanes too
     assert resolve_lanes(plan("sweep.role=work"), workers=1) == 1  # it cannot know its fellow workers
     assert resolve_lanes(plan("model=flux2_klein_base_4b", "eval.enabled=false"), workers=1) == 1  # a real model: one LoRA per training
+
+
+@pytest.mark.slow  # 15-50 s of compiling on 2 cores (a warm or cold inductor cache)
+def test_compiled_lanes_train_as_eager_lanes_and_compile_once(tiny_data):
+    """train.compile with lanes: the LoRAs of eager lanes up to float rounding, and each block
+    class compiles once: a later training, on new lane weights, reuses the graphs."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    _, eager, _, _ = laned(tiny_data, LRS, steps=4)
+    pipe, data, cfg, params = setup(tiny_data, lr=LRS[0], grad_accum=2, compile=True)
+
+    def train(adapters):
+        return train_lanes(pipe.transformer, adapters, [LaneSpec(lr=lr) for lr in LRS], data, cfg, steps=4, device="cpu",
+                           caption_dropout=0.5, progress=False)
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = LaneAdapters(pipe.transformer, len(LRS))
+    assert [r.status for r in train(compiled)] == ["finished"] * 3
+    graphs = counters["stats"]["unique_graphs"]
+    # One graph per block class (the tiny model has one double and one single block) for all
+    # 4 steps; the bound forwards made 8 per class, up to dynamo's recompile limit, then ran eager.
+    assert graphs == 2
+    for lane in range(len(LRS)):
+        assert close(compiled.params[lane], eager.params[lane], tol=1e-3), f"lane {lane} drifted from eager lanes"
+    train(LaneAdapters(pipe.transformer, len(LRS)))
+    assert counters["stats"]["unique_graphs"] == graphs, "a second lanes training recompiled the blocks"
 
 
 def test_lanes_with_gradient_checkpointing_train_as_without(tiny_data):

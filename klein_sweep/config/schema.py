@@ -186,7 +186,7 @@ class TrainConfig:
     compile: bool = False
     """torch.compile the transformer's repeated blocks (each block class compiled once) before
     training: fuses the elementwise work around the matmuls (LoRA scaling and sums, modulation,
-    casts). The first steps pay the compile time. One LoRA per training only (not lanes)."""
+    casts). The first steps pay the compile time, and each new batch shape (lanes leaving) its own."""
     mixed_precision: str = "auto"
     """auto (bf16 on CUDA, off elsewhere) | no | bf16."""
     device: str = "auto"

@@ -22,7 +22,7 @@ import signal
 import sys
 import time
 
-from klein_sweep.errors import ConfigError, KleinSweepError
+from klein_sweep.errors import KleinSweepError
 from klein_sweep.interrupts import raise_if_requested
 from klein_sweep.record import StudyAttr
 from klein_sweep.sweep.plan import SweepPlan
@@ -64,13 +64,10 @@ def resolve_lanes(plan: SweepPlan, workers: int) -> int:
     `workers` this command starts. A sweep.role=work worker cannot know how many others share
     its study: one LoRA per training there, unless sweep.lanes says otherwise."""
     s = plan.sweep
-    compiled = bool(plan.base_cfg.get("train", {}).get("compile"))  # compiled blocks train one LoRA at a time
     if s.lanes is not None:
-        if s.lanes > 1 and compiled:
-            raise ConfigError("sweep.lanes", s.lanes, "1 with train.compile=true (compiled blocks train one LoRA at a time)")
         return s.lanes
     spec = s.params.get("train.lr")
-    if compiled or s.role != "run" or s.sampler != "grid" or spec is None or spec.type != "categorical" or not _cpu_world(plan):
+    if s.role != "run" or s.sampler != "grid" or spec is None or spec.type != "categorical" or not _cpu_world(plan):
         return 1
     return max(1, math.ceil(len(spec.values) / max(1, workers)))
 

@@ -10,8 +10,12 @@ parameter group (its own lr) and its own gradient clipping; the lanes draw the s
 
 Nothing mixes across the batch in the Flux2 transformer (attention, norms and modulation are per
 sample), so a lane's gradient is its own loss's alone (tests/test_lanes.py checks lanes against
-one-lane trainings). One lane trains the model's own peft adapter through peft's forward (and so
-can be compiled); several keep their weights here and shadow the adapted layers' forwards.
+one-lane trainings). One lane trains the model's own peft adapter through peft's forward; several
+keep their weights here, and inside `batched` each adapted layer is of a lane subclass of its
+peft class whose forward reads the lanes' weights from the layer. A class, not a per-layer
+bound forward: torch.compile guards on the layer's type, which is the same for every layer and
+step, where a bound forward per layer and step was a new object each time and recompiled every
+block (train.compile with lanes).
 
 Several lanes' weights live stacked, one (lanes, *shape) tensor per adapter tensor, so a layer's
 forward reads all lanes without stacking them (a stack per tensor and forward, and its backward,
@@ -28,7 +32,6 @@ same step with the same data order (their samplers' states equal) continue toget
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import Sequence
 
 import torch
@@ -92,20 +95,22 @@ class LaneAdapters:
         if self.single:
             yield  # peft's own forward on the adapter's own weights
             return
-        shadowed = [m.__dict__.get("forward") for m in self.layers]  # a hook's own wrapper, if any
+        # A hook's own wrapper (an instance `forward`) would hide the class's: set aside meanwhile.
+        hooked = [m.__dict__.pop("forward", None) for m in self.layers]
         rows = None if list(lanes) == list(range(self.n_lanes)) else torch.tensor(list(lanes), device=self.stacked[0].device)
         for i, m in enumerate(self.layers):
             a, b = self.stacked[2 * i], self.stacked[2 * i + 1]
             if rows is not None:  # some lanes left the batch: the others' rows
                 a, b = a.index_select(0, rows), b.index_select(0, rows)
-            m.forward = functools.partial(_lane_forward, m, a, b)  # instance attribute: shadows peft's forward
+            m.__class__ = _lane_class(type(m))
+            m.lane_a, m.lane_b = a, b
         try:
             yield
         finally:
-            for m, previous in zip(self.layers, shadowed):
-                if previous is None:
-                    del m.forward
-                else:
+            for m, previous in zip(self.layers, hooked):
+                m.__class__ = type(m).__bases__[0]
+                del m.lane_a, m.lane_b
+                if previous is not None:
                     m.forward = previous
 
     @torch.no_grad()
@@ -130,6 +135,19 @@ class LaneAdapters:
             raise ValueError(f"saved training state does not fit this LoRA (differs in {missing} ...): other rank, targets or model")
         for name, p in zip(names, self.params[lane]):
             p.copy_(state.lora[name].to(p.device, p.dtype))
+
+
+_LANE_CLASSES: dict[type, type] = {}
+
+
+def _lane_class(peft_class: type) -> type:
+    """The lane subclass of a peft layer class (one per class, so compiled code sees one type)."""
+    if peft_class not in _LANE_CLASSES:
+        def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            return _lane_forward(self, self.lane_a, self.lane_b, x, *args, **kwargs)
+
+        _LANE_CLASSES[peft_class] = type(f"Lanes{peft_class.__name__}", (peft_class,), {"forward": forward})
+    return _LANE_CLASSES[peft_class]
 
 
 def _lane_forward(layer, a_stack: torch.Tensor, b_stack: torch.Tensor, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -97,8 +97,6 @@ def train_lanes(
     from tqdm.auto import tqdm
 
     n = len(lanes)
-    if cfg.compile and n > 1:
-        raise ValueError("train.compile trains one LoRA at a time: compiled blocks cannot run shadowed lane forwards")
     trackers = [lane.tracker or NullTracker() for lane in lanes]
     checkpoint_steps = set(checkpoints) or {steps}
     # Accumulation is written out below, so accelerate is not told about it (it would divide the
