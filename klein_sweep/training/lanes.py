@@ -95,23 +95,25 @@ class LaneAdapters:
         if self.single:
             yield  # peft's own forward on the adapter's own weights
             return
-        # A hook's own wrapper (an instance `forward`) would hide the class's: set aside meanwhile.
-        hooked = [m.__dict__.pop("forward", None) for m in self.layers]
         rows = None if list(lanes) == list(range(self.n_lanes)) else torch.tensor(list(lanes), device=self.stacked[0].device)
-        for i, m in enumerate(self.layers):
-            a, b = self.stacked[2 * i], self.stacked[2 * i + 1]
-            if rows is not None:  # some lanes left the batch: the others' rows
-                a, b = a.index_select(0, rows), b.index_select(0, rows)
-            m.__class__ = _lane_class(type(m))
-            m.lane_a, m.lane_b = a, b
+        hooked = {}  # a hook's own wrapper (an instance `forward`) would hide the class's: set aside meanwhile
         try:
+            for i, m in enumerate(self.layers):
+                a, b = self.stacked[2 * i], self.stacked[2 * i + 1]
+                if rows is not None:  # some lanes left the batch: the others' rows
+                    a, b = a.index_select(0, rows), b.index_select(0, rows)
+                if "forward" in m.__dict__:
+                    hooked[i] = m.__dict__.pop("forward")
+                m.lane_a, m.lane_b = a, b
+                m.__class__ = _lane_class(type(m))
             yield
         finally:
-            for m, previous in zip(self.layers, hooked):
-                m.__class__ = type(m).__bases__[0]
-                del m.lane_a, m.lane_b
-                if previous is not None:
-                    m.forward = previous
+            for i, m in enumerate(self.layers):
+                if type(m) in _LANE_CLASSES.values():
+                    m.__class__ = type(m).__bases__[0]
+                    del m.lane_a, m.lane_b
+                if i in hooked:
+                    m.forward = hooked[i]
 
     @torch.no_grad()
     def load(self, lane: int) -> None:
