@@ -128,7 +128,8 @@ def run_parallel(plan: SweepPlan, workers: int) -> SweepSummary:
         close_parent_run(study, parent, "KILLED")
         raise
     finally:
-        bar.n = len(finished_trials(study.get_trials(deepcopy=False)))
+        done = finished_trials(study.get_trials(deepcopy=False))
+        bar.n = len(done)
         bar.close()
     failed_workers = [p.name for p in processes if p.exitcode != 0]
     if failed_workers:
@@ -137,7 +138,6 @@ def run_parallel(plan: SweepPlan, workers: int) -> SweepSummary:
             f"sweep {plan.study_name}: {', '.join(failed_workers)} stopped with an error (printed above); finished cells "
             "are kept and the same command runs the rest"
         )
-    done = finished_trials(study.get_trials(deepcopy=False))
     summary = SweepSummary(ran=[t.number for t in done if t.state.name != "FAIL"],
                            failed=[t.number for t in done if t.state.name == "FAIL"],
                            parent_run_id=getattr(parent, "run_id", None), experiment_id=getattr(parent, "experiment_id", None),

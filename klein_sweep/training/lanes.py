@@ -96,6 +96,7 @@ class LaneAdapters:
             yield  # peft's own forward on the adapter's own weights
             return
         rows = None if list(lanes) == list(range(self.n_lanes)) else torch.tensor(list(lanes), device=self.stacked[0].device)
+        classes: dict[int, type] = {}  # layer index -> its peft class, while it runs as lanes
         hooked = {}  # a hook's own wrapper (an instance `forward`) would hide the class's: set aside meanwhile
         try:
             for i, m in enumerate(self.layers):
@@ -105,12 +106,13 @@ class LaneAdapters:
                 if "forward" in m.__dict__:
                     hooked[i] = m.__dict__.pop("forward")
                 m.lane_a, m.lane_b = a, b
-                m.__class__ = _lane_class(type(m))
+                classes[i] = type(m)
+                m.__class__ = _lane_class(classes[i])
             yield
         finally:
             for i, m in enumerate(self.layers):
-                if type(m) in _LANE_CLASSES.values():
-                    m.__class__ = type(m).__bases__[0]
+                if i in classes:
+                    m.__class__ = classes[i]
                     del m.lane_a, m.lane_b
                 if i in hooked:
                     m.forward = hooked[i]
