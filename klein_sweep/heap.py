@@ -10,9 +10,32 @@ A model is built after the freeze, so the collections still see it and free it.
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import logging
 
 _frozen = False
+
+# What importing the libraries prints about a library no trial asked for: torchao (the `quant`
+# extra), which transformers' and diffusers' quantizer modules import whenever it is installed,
+# logs that its CUDA-only kernels do not load on this machine and that it imports no tensor
+# subclasses, and torch that torchao registers its enums the deprecated way. With
+# model.quantize, torchao's own errors at quantisation time say what matters.
+IMPORT_NOISE_LOGGERS = ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer")
+
+
+@contextlib.contextmanager
+def quiet_import_warnings():
+    """Imports without the warnings of IMPORT_NOISE_LOGGERS; their levels as they were after."""
+    loggers = [logging.getLogger(name) for name in IMPORT_NOISE_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def freeze_libraries() -> None:
@@ -22,17 +45,18 @@ def freeze_libraries() -> None:
     global _frozen
     if _frozen:
         return
-    import accelerate  # noqa: F401
-    import mlflow.tracking  # noqa: F401
-    import optuna  # noqa: F401
-    import peft  # noqa: F401
-    import safetensors.torch  # noqa: F401
-    import torch  # noqa: F401
-    import torchmetrics.image.fid  # noqa: F401
-    import torchmetrics.image.inception  # noqa: F401
-    import torchmetrics.image.kid  # noqa: F401
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel  # noqa: F401
-    from transformers import Qwen2TokenizerFast, Qwen3ForCausalLM  # noqa: F401
+    with quiet_import_warnings():
+        import accelerate  # noqa: F401
+        import mlflow.tracking  # noqa: F401
+        import optuna  # noqa: F401
+        import peft  # noqa: F401
+        import safetensors.torch  # noqa: F401
+        import torch  # noqa: F401
+        import torchmetrics.image.fid  # noqa: F401
+        import torchmetrics.image.inception  # noqa: F401
+        import torchmetrics.image.kid  # noqa: F401
+        from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel  # noqa: F401
+        from transformers import Qwen2TokenizerFast, Qwen3ForCausalLM  # noqa: F401
 
     gc.freeze()
     _frozen = True

@@ -4,6 +4,7 @@ mini model, or the tiny random one built in code. Model ids come from registry.p
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass
@@ -84,19 +85,30 @@ def transformer_id(model: ModelConfig) -> str:
     return f"{model_cache_id(model)}/{digest.hexdigest()[:16]}"
 
 
+@contextlib.contextmanager
+def quiet_loading(model: ModelConfig):
+    """Loading without progress bars for the embedded models, which load in a fraction of a
+    second (a sweep's workers would each draw theirs); the real models keep theirs."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    bars = [m for m in (diffusers_logging, transformers_logging) if model.kind in ("mini", "tiny") and m.is_progress_bar_enabled()]
+    try:
+        for m in bars:
+            m.disable_progress_bar()
+        yield
+    finally:
+        for m in bars:
+            m.enable_progress_bar()
+
+
 def load_pipeline(model: ModelConfig, runtime: Runtime):
     """The full pipeline (transformer, VAE, text encoder, tokenizer, scheduler) in `runtime`'s
     dtype, on the host: models/placement.py moves each part to the accelerator for the stage
     that needs it (a 9B's text encoder and transformer never sit there together). Quantisation
     happens here, before anything moves."""
-    if model.kind == "tiny":
-        from klein_sweep.models.tiny import build_tiny_pipeline
-
-        pipe = build_tiny_pipeline(model.seed)
-    elif model.kind == "mini":
-        pipe = _load_mini(runtime, distilled=model.is_distilled)
-    else:
-        pipe = _load_pretrained(model, runtime)
+    with quiet_loading(model):
+        pipe = _load_parts(model, runtime)
     pipe.register_to_config(is_distilled=model.is_distilled)
     if pipe.transformer.dtype != runtime.dtype:  # from_pretrained already loaded in runtime.dtype
         pipe.to(dtype=runtime.dtype)
@@ -112,36 +124,50 @@ def load_pipeline(model: ModelConfig, runtime: Runtime):
     return pipe
 
 
+def _load_parts(model: ModelConfig, runtime: Runtime):
+    if model.kind == "tiny":
+        from klein_sweep.models.tiny import build_tiny_pipeline
+
+        return build_tiny_pipeline(model.seed)
+    if model.kind == "mini":
+        return _load_mini(runtime, distilled=model.is_distilled)
+    return _load_pretrained(model, runtime)
+
+
 def load_transformer(model: ModelConfig, runtime: Runtime):
     """The model's transformer alone, on the host in `runtime`'s dtype (quantised when asked):
     the distilled evaluation needs no second text encoder or VAE (the prompts are cached, the
     base's VAE decodes)."""
-    from diffusers import Flux2Transformer2DModel
-
-    if model.kind == "tiny":
-        from klein_sweep.models.tiny import build_tiny_pipeline
-
-        transformer = build_tiny_pipeline(model.seed).transformer
-    elif model.kind == "mini":
-        folder = MINI_DISTILLED_DIR if model.is_distilled else MINI_PIPELINE_DIR / "transformer"
-        if not (folder / "config.json").exists():
-            raise ModelError(f"the mini transformer is missing from {folder}; build it with python -m klein_sweep.mini.build"
-                             + (" --only distilled" if model.is_distilled else ""))
-        transformer = Flux2Transformer2DModel.from_pretrained(folder, torch_dtype=runtime.dtype, local_files_only=True)
-    else:
-        source = model_source(model)
-        try:
-            transformer = Flux2Transformer2DModel.from_pretrained(source, subfolder="transformer", revision=model.revision,
-                                                                  torch_dtype=runtime.dtype, token=os.environ.get("HF_TOKEN") or None)
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"could not load the transformer of model '{model.name}' from {source}: {exc.__class__.__name__}: "
-                             f"{str(exc).splitlines()[0]}. Download it once ({download_command(model.name, source)}) "
-                             "and set its path") from exc
+    with quiet_loading(model):
+        transformer = _load_transformer_alone(model, runtime)
     transformer.to(dtype=runtime.dtype)
     if model.quantize != "none":
         quantize_weights(transformer, model.quantize, runtime.device)
     transformer.requires_grad_(False).eval()
     return transformer
+
+
+def _load_transformer_alone(model: ModelConfig, runtime: Runtime):
+    from diffusers import Flux2Transformer2DModel
+
+    if model.kind == "tiny":
+        from klein_sweep.models.tiny import build_tiny_pipeline
+
+        return build_tiny_pipeline(model.seed).transformer
+    if model.kind == "mini":
+        folder = MINI_DISTILLED_DIR if model.is_distilled else MINI_PIPELINE_DIR / "transformer"
+        if not (folder / "config.json").exists():
+            raise ModelError(f"the mini transformer is missing from {folder}; build it with python -m klein_sweep.mini.build"
+                             + (" --only distilled" if model.is_distilled else ""))
+        return Flux2Transformer2DModel.from_pretrained(folder, torch_dtype=runtime.dtype, local_files_only=True)
+    source = model_source(model)
+    try:
+        return Flux2Transformer2DModel.from_pretrained(source, subfolder="transformer", revision=model.revision,
+                                                       torch_dtype=runtime.dtype, token=os.environ.get("HF_TOKEN") or None)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"could not load the transformer of model '{model.name}' from {source}: {exc.__class__.__name__}: "
+                         f"{str(exc).splitlines()[0]}. Download it once ({download_command(model.name, source)}) "
+                         "and set its path") from exc
 
 
 def _load_mini(runtime: Runtime, distilled: bool = False):
