@@ -47,6 +47,32 @@ def test_one_trial_end_to_end(tmp_path):
     assert "encodings: 12 from cache, 0 encoded" in again.stderr + again.stdout
 
 
+def test_help_says_what_the_tool_does_and_its_commands_run(tmp_path):
+    """`--help` opens on klein_sweep's own first commands, not Hydra's "__main__ is powered by
+    Hydra", and every command it shows composes (checked with --cfg job, which runs nothing)."""
+    import re
+
+    proc = run_cli("--help", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("klein_sweep: LoRA sweeps for FLUX.2 [klein]"), proc.stdout[:500]
+    assert "powered by Hydra" not in proc.stdout
+    assert re.search(r"^sweep: .*\blr_vs_steps\b", proc.stdout, re.M)  # the groups still follow
+    lines = proc.stdout.splitlines()
+    commands = []
+    for i, line in enumerate(lines):
+        if line.startswith("  python -m klein_sweep "):
+            text = line.strip()
+            while text.endswith("\\"):  # a command continued on the next line
+                i += 1
+                text = text[:-1].rstrip() + " " + lines[i].strip()
+            commands.append(re.split(r"\s{2,}", text)[0].split()[3:])  # the words after `python -m klein_sweep`
+    assert len(commands) == 4 and ["+sweep=lr_vs_steps"] in commands, commands
+    for words in commands:
+        shown = run_cli(*[w for w in words if w not in ("--cfg", "job")], "--cfg", "job", cwd=tmp_path)
+        assert shown.returncode == 0 and "train:" in shown.stdout, (words, shown.stderr[-2000:])
+    assert not list(tmp_path.iterdir())  # help and --cfg write nothing
+
+
 def test_repeats_set_steps(tmp_path):
     proc = run_cli("model=tiny", "data=tiny_character", "train.repeats=3", "train.grad_accum=2", "tracking=none", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
