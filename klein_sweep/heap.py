@@ -38,6 +38,17 @@ def quiet_import_warnings():
             lg.setLevel(level)
 
 
+def import_model_libraries() -> None:
+    """Import the model libraries (diffusers, transformers, peft; torchao through them where it
+    is installed) without their import-time noise. Every path whose first import of them can come
+    before a trial's calls this first: the cost count (a dry run, and a one-worker sweep's parent
+    run), the LoRA check, and freeze_libraries. Later calls cost a dictionary lookup each."""
+    with quiet_import_warnings():
+        import peft  # noqa: F401
+        from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel  # noqa: F401
+        from transformers import Qwen2TokenizerFast, Qwen3ForCausalLM  # noqa: F401
+
+
 def freeze_libraries() -> None:
     """Import the libraries a trial uses and freeze every object alive now; later calls (and a
     process forked from one that called it) do nothing. Runs no operation: a process forked
@@ -49,14 +60,12 @@ def freeze_libraries() -> None:
         import accelerate  # noqa: F401
         import mlflow.tracking  # noqa: F401
         import optuna  # noqa: F401
-        import peft  # noqa: F401
         import safetensors.torch  # noqa: F401
         import torch  # noqa: F401
         import torchmetrics.image.fid  # noqa: F401
         import torchmetrics.image.inception  # noqa: F401
         import torchmetrics.image.kid  # noqa: F401
-        from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel  # noqa: F401
-        from transformers import Qwen2TokenizerFast, Qwen3ForCausalLM  # noqa: F401
+    import_model_libraries()
 
     gc.freeze()
     _frozen = True

@@ -1,12 +1,20 @@
 """What a run prints while it imports its libraries and loads the embedded model: nothing about
 torchao (installed with the `quant` extra, which the test extra pulls in) and no loading bars,
-with the libraries' logging and bars left as they were for what comes after."""
+with the libraries' logging and bars left as they were for what comes after. Each in a fresh
+interpreter: the noise comes with a process's first import only."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
+
+import pytest
+
+from conftest import repo_pythonpath
+
+TORCHAO = importlib.util.find_spec("torchao") is not None  # what prints at import only where torchao is installed
 
 LOAD_THE_MINI = """
 import logging
@@ -27,10 +35,33 @@ print("bars", diffusers_logging.is_progress_bar_enabled())
 def test_loading_the_mini_prints_no_torchao_warnings_and_no_bars(tmp_path):
     done = subprocess.run([sys.executable, "-c", LOAD_THE_MINI], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    if importlib.util.find_spec("torchao") is not None:  # what prints at import only where torchao is installed
+    if TORCHAO:
         # Without the quiet imports: "Failed to load .../torchao/_C_...so", torch's pytree
         # "register_constant() on Enum subclasses is deprecated" and "Unable to import `torchao` Tensor objects"
         assert "torchao" not in done.stderr and "register_constant" not in done.stderr, done.stderr[-2000:]
     assert "Loading pipeline components" not in done.stderr and "Loading weights" not in done.stderr, done.stderr[-2000:]
     # Afterwards the loggers pass warnings again and the bars are on for a real model's loading.
     assert "levels 0 0" in done.stdout and "bars True" in done.stdout, done.stdout
+
+
+# Commands whose first import of the model libraries comes before any trial's: a dry run (step 2
+# of the README's first real sweep) counts FLOPs on the architecture, as a one-worker sweep's
+# parent run does (a GPU sweep's first screen); the LoRA check builds the architecture before it
+# reads the file (here a missing one: exit 2 after the imports).
+FIRST_IMPORTS = {
+    "dry run": ["-m", "klein_sweep", "+sweep=lr_vs_steps", "sweep.dry_run=true", "model=tiny", "data=tiny_character"],
+    "LoRA check": ["-m", "klein_sweep.lora.check", "missing.safetensors", "model=tiny"],
+}
+
+
+@pytest.mark.skipif(not TORCHAO, reason="torchao is not installed: nothing of it to print")
+@pytest.mark.parametrize("command", list(FIRST_IMPORTS))
+def test_commands_that_import_the_model_libraries_first_print_no_torchao_warnings(tmp_path, command):
+    env = {**os.environ, "PYTHONPATH": repo_pythonpath()}
+    done = subprocess.run([sys.executable, *FIRST_IMPORTS[command]], capture_output=True, text=True, cwd=tmp_path, env=env,
+                          timeout=300)
+    assert done.returncode == (2 if command == "LoRA check" else 0), done.stderr[-2000:]
+    # Without the quiet import: 5-6 lines, "Failed to load .../torchao/_C_...so", "Detected no
+    # triton", torch's "register_constant() on Enum subclasses is deprecated", "Unable to import
+    # `torchao` Tensor objects"
+    assert "torchao" not in done.stderr and "register_constant" not in done.stderr, done.stderr[-2000:]

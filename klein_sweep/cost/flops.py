@@ -44,6 +44,9 @@ _TRANSFORMERS: dict[tuple, torch.nn.Module] = {}
 
 
 def _meta_transformer(key, model, train):
+    from klein_sweep.heap import import_model_libraries
+
+    import_model_libraries()  # the first import of a dry run and of a one-worker sweep: no torchao noise
     from diffusers import Flux2Transformer2DModel
 
     from klein_sweep.lora.adapters import inject_lora

@@ -32,6 +32,9 @@ def read_any_lora(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def read_lora_with_metadata(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
     """(state dict as read_any_lora gives it, the adapter metadata stored in the file: rank, alpha,
     targets; None for files without it)."""
+    from klein_sweep.heap import import_model_libraries
+
+    import_model_libraries()  # reading a LoRA can be a command's first import
     from diffusers import Flux2KleinPipeline
 
     path = Path(path)

@@ -228,6 +228,9 @@ def transformer_config(model: ModelConfig) -> dict:
 def transformer_skeleton(model: ModelConfig):
     """The model's transformer architecture without loading its weights (meta tensors for the
     real models): what a LoRA's shapes are checked against."""
+    from klein_sweep.heap import import_model_libraries
+
+    import_model_libraries()  # the LoRA check's first import
     from diffusers import Flux2Transformer2DModel
 
     if model.kind == "tiny":
