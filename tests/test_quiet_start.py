@@ -32,8 +32,15 @@ print("bars", diffusers_logging.is_progress_bar_enabled())
 """
 
 
+def fresh_python(args: list[str], cwd) -> subprocess.CompletedProcess:
+    """`python ARGS` in a new interpreter on this checkout's code (the test process has imported
+    everything already, and the command server forks from one that has)."""
+    env = {**os.environ, "PYTHONPATH": repo_pythonpath()}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
 def test_loading_the_mini_prints_no_torchao_warnings_and_no_bars(tmp_path):
-    done = subprocess.run([sys.executable, "-c", LOAD_THE_MINI], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    done = fresh_python(["-c", LOAD_THE_MINI], tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     if TORCHAO:
         # Without the quiet imports: "Failed to load .../torchao/_C_...so", torch's pytree
@@ -57,9 +64,7 @@ FIRST_IMPORTS = {
 @pytest.mark.skipif(not TORCHAO, reason="torchao is not installed: nothing of it to print")
 @pytest.mark.parametrize("command", list(FIRST_IMPORTS))
 def test_commands_that_import_the_model_libraries_first_print_no_torchao_warnings(tmp_path, command):
-    env = {**os.environ, "PYTHONPATH": repo_pythonpath()}
-    done = subprocess.run([sys.executable, *FIRST_IMPORTS[command]], capture_output=True, text=True, cwd=tmp_path, env=env,
-                          timeout=300)
+    done = fresh_python(FIRST_IMPORTS[command], tmp_path)
     assert done.returncode == (2 if command == "LoRA check" else 0), done.stderr[-2000:]
     # Without the quiet import: 5-6 lines, "Failed to load .../torchao/_C_...so", "Detected no
     # triton", torch's "register_constant() on Enum subclasses is deprecated", "Unable to import
